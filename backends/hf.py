@@ -1,0 +1,374 @@
+"""The Hugging Face transformers backend (``hf``): hub ids, local folders and GGUF files.
+
+A GGUF file is dequantized by transformers once and cached as safetensors under the user
+cache dir, keyed by the file's sha256, so the next load takes about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.gguf_file import check_gguf, sha256_file
+from harness import paths
+from harness.backend import (
+    Backend,
+    Capability,
+    Fingerprint,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
+from harness.errors import HarnessError, ModelLoadError
+from harness.hookspecs import hookimpl
+from harness.vocab import Vocab
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@hookimpl
+def register_backends(register):
+    register("hf", HFBackend)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class HFBackend(Backend):
+    """A causal LM loaded with transformers, on CUDA when present, else CPU."""
+
+    name = "hf"
+    capabilities = frozenset({Capability.VOCAB, Capability.EMBEDDINGS, Capability.SCORE,
+                              Capability.GENERATE})
+
+    def __init__(self, target: str, dtype: str = "auto", device: str = "auto",
+                 **options: Any) -> None:
+        super().__init__(target, **options)
+        try:
+            import torch
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            raise HarnessError(f"the hf backend needs torch and transformers ({exc.name} is "
+                               "missing): pip install 'glitch-harness[hf]'") from None
+        if dtype not in DTYPES:
+            raise HarnessError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        self.torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        self.dtype_name = dtype
+        self._vocab: Vocab | None = None
+        self._load(target)
+
+    # --- loading ----------------------------------------------------------------------------
+
+    def _load(self, target: str) -> None:
+        path = Path(target).expanduser()
+        if path.suffix.lower() == ".gguf":
+            self._load_gguf(path)
+        elif path.is_dir():
+            self._source = f"folder:{path.resolve()}#{_folder_digest(path)}"
+            self._load_pretrained(str(path), what=f"model folder {path}")
+        else:
+            self._load_pretrained(target, what=f"{target!r} from the Hugging Face hub")
+            revision = getattr(self.model.config, "_commit_hash", None) or "unknown-revision"
+            self._source = f"hub:{target}@{revision}"
+
+    def _load_pretrained(self, where: str, what: str, **kwargs: Any) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=getattr(self.torch, self.dtype_name), **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+            raise ModelLoadError(f"cannot load {what}: {_first_line(exc)}") from None
+        self.model.to(self.device)
+        self.model.eval()
+
+    def _load_gguf(self, path: Path) -> None:
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {path}")
+        digest = sha256_file(path)
+        self._source = f"gguf-sha256:{digest}"
+        cached = paths.cache_dir() / "hf-from-gguf" / digest[:32]
+        if not (cached / "complete").exists():
+            check_gguf(path)  # a file whose hash has a finished conversion is known intact
+            self._convert_gguf(path, cached)
+        self._load_pretrained(str(cached), what=f"cached conversion of {path} at {cached}")
+
+    def _convert_gguf(self, path: Path, cached: Path) -> None:
+        """Dequantize with transformers and save as safetensors (atomic: temp dir, rename)."""
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=self.torch.float32)
+        except Exception as exc:  # transformers raises many types on unsupported GGUF files
+            raise ModelLoadError(f"transformers cannot load {path}: {_first_line(exc)}") from None
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "source.json").write_text(json.dumps({"gguf": str(path)}))
+            (tmp / "complete").touch()
+            if cached.exists():
+                shutil.rmtree(cached)
+            tmp.rename(cached)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        del model
+
+    # --- identity and vocabulary ------------------------------------------------------------
+
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(self.name, self._source, self.dtype_name,
+                           self.vocab().tokenizer_hash())
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "architecture": type(self.model).__name__,
+            "model_type": getattr(cfg, "model_type", None),
+            "n_params": int(sum(p.numel() for p in self.model.parameters())),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "embedding_rows": int(self.model.get_input_embeddings().weight.shape[0]),
+            "tokenizer_size": len(self.tokenizer),
+            "tied_embeddings": self.embeddings_tied(),
+            "device": self.device,
+            "dtype": self.dtype_name,
+            "source": self._source,
+        }
+
+    def _byte_level(self) -> bool:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return False
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder else []
+        return any(p.get("type") == "ByteLevel" for p in parts)
+
+    def vocab(self) -> Vocab:
+        if self._vocab is not None:
+            return self._vocab
+        tok = self.tokenizer
+        n_tok = len(tok)
+        n_rows = max(int(self.model.get_input_embeddings().weight.shape[0]), n_tok)
+        pieces = tok.convert_ids_to_tokens(list(range(n_tok)))
+        special_ids = set(tok.all_special_ids)
+        for tid, added in getattr(tok, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                special_ids.add(int(tid))
+        byte_level = self._byte_level()
+        inv = _bytes_to_unicode() if byte_level else {}
+        raw: list[bytes] = []
+        byte_token = np.zeros(n_rows, dtype=bool)
+        added_ids = {int(t) for t in getattr(tok, "added_tokens_decoder", {})}
+        for i, piece in enumerate(pieces):
+            piece = piece if piece is not None else ""
+            if i in special_ids or i in added_ids:
+                raw.append(piece.encode("utf-8"))
+            elif byte_level:
+                try:
+                    raw.append(bytes(inv[c] for c in piece))
+                except KeyError:  # a piece outside the byte alphabet: keep its UTF-8
+                    raw.append(piece.encode("utf-8"))
+                byte_token[i] = len(raw[-1]) == 1 and raw[-1][0] >= 0x80
+            else:
+                m = _SP_BYTE.match(piece)
+                if m:
+                    raw.append(bytes([int(m.group(1), 16)]))
+                    byte_token[i] = True
+                else:
+                    raw.append(piece.replace("\u2581", " ").encode("utf-8"))
+        padding = np.zeros(n_rows, dtype=bool)
+        padding[n_tok:] = True
+        raw.extend(b"" for _ in range(n_rows - n_tok))
+        special = np.zeros(n_rows, dtype=bool)
+        special[[i for i in special_ids if i < n_rows]] = True
+        text = [
+            (pieces[i] if special[i] or i in added_ids else
+             raw[i].decode("utf-8", errors="backslashreplace")) if i < n_tok else f"<row {i}>"
+            for i in range(n_rows)
+        ]
+        self._vocab = Vocab(raw=raw, text=text, special=special, byte_token=byte_token,
+                            padding=padding)
+        return self._vocab
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # --- white-box access -------------------------------------------------------------------
+
+    def input_embeddings(self) -> np.ndarray:
+        w = self.model.get_input_embeddings().weight
+        return w.detach().to(self.torch.float32).cpu().numpy()
+
+    def output_embeddings(self) -> np.ndarray:
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise NotImplementedError("model has no output embeddings")
+        if self.embeddings_tied():
+            return self.input_embeddings()
+        return head.weight.detach().to(self.torch.float32).cpu().numpy()
+
+    def embeddings_tied(self) -> bool:
+        head = self.model.get_output_embeddings()
+        emb = self.model.get_input_embeddings()
+        return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+
+    # --- batched inference ------------------------------------------------------------------
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        torch = self.torch
+        results = [ScoreResult() for _ in requests]
+        good = []
+        for i, req in enumerate(requests):
+            bad = [p for p in req.positions if p < 1 or p > len(req.ids)]
+            if len(req.positions) != len(req.targets):
+                results[i].error = "positions and targets differ in length"
+            elif bad:
+                results[i].error = f"positions {bad} outside 1..{len(req.ids)}"
+            else:
+                good.append(i)
+        if not good:
+            return results
+        width = max(len(requests[i].ids) for i in good)
+        ids = torch.full((len(good), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(good), width), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for b, i in enumerate(good):
+            req = requests[i]
+            ids[b, : len(req.ids)] = torch.tensor(list(req.ids), dtype=torch.long)
+            mask[b, : len(req.ids)] = 1
+            for p, t in zip(req.positions, req.targets, strict=True):
+                rows.append(b)
+                cols.append(p - 1)
+                targets.append(t)
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).logits
+                picked = logits[torch.tensor(rows), torch.tensor(cols)].float()
+                logp = torch.log_softmax(picked, dim=-1)
+                values = logp[torch.arange(len(targets)), torch.tensor(targets)].cpu().tolist()
+        except Exception as exc:  # a failed batch fails each of its items, none is dropped
+            for i in good:
+                results[i].error = f"{type(exc).__name__}: {_first_line(exc)}"
+            return results
+        k = 0
+        for i in good:
+            n = len(requests[i].positions)
+            results[i].logprobs = values[k: k + n]
+            k += n
+        return results
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        torch = self.torch
+        if not requests:
+            return []
+        pad = self._pad_id()
+        width = max(len(r.ids) for r in requests)
+        ids = torch.full((len(requests), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for b, req in enumerate(requests):  # left padding, as generation needs
+            ids[b, width - len(req.ids):] = torch.tensor(list(req.ids), dtype=torch.long)
+            mask[b, width - len(req.ids):] = 1
+        max_new = max(r.max_new_tokens for r in requests)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids.to(self.device),
+                                          attention_mask=mask.to(self.device),
+                                          max_new_tokens=max_new, do_sample=False,
+                                          pad_token_id=pad)
+        except Exception as exc:
+            return [GenerateResult(error=f"{type(exc).__name__}: {_first_line(exc)}")
+                    for _ in requests]
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for b, req in enumerate(requests):
+            new = out[b, width:].tolist()[: req.max_new_tokens]
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+            results.append(GenerateResult(ids=new, text=self.decode(new)))
+        return results
+
+    def close(self) -> None:
+        self.model = None
+        self._vocab = None
+
+
+def _folder_digest(path: Path) -> str:
+    """Identity of a local model folder: its config and tokenizer files, and each weight
+    file's name, size and first MiB (hashing many GB of weights would take minutes)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f.name.encode())
+        if f.suffix in (".json", ".txt", ".model", ".jinja"):
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            h.update(str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:32]

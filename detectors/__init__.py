@@ -1,0 +1,1 @@
+"""Built-in detector plugins (registered through the ``harness`` entry-point group)."""

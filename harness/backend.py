@@ -1,0 +1,125 @@
+"""The backend interface: batch-first, with declared capabilities.
+
+A backend wraps one loaded model. Every batch call returns exactly one result per request,
+in order; a request that fails carries its error instead of being dropped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from harness.vocab import Vocab
+
+
+class Capability(StrEnum):
+    """What a backend can do; detectors declare which of these they need."""
+
+    VOCAB = "vocab"
+    EMBEDDINGS = "embeddings"  # input_embeddings() and output_embeddings()
+    SCORE = "score"
+    GENERATE = "generate"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Stable identity of a loaded model: same fingerprint, same results."""
+
+    backend: str
+    source: str  # hub id@revision, file sha256, or api base + model
+    dtype: str
+    tokenizer_hash: str
+
+    def key(self) -> str:
+        return f"{self.backend}|{self.source}|{self.dtype}|tok:{self.tokenizer_hash[:16]}"
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Log-probabilities of ``targets[i]`` at ``positions[i]`` of the sequence ``ids``.
+
+    Position ``p`` means: the distribution predicted after reading ``ids[:p]``.
+    """
+
+    ids: Sequence[int]
+    positions: Sequence[int]
+    targets: Sequence[int]
+
+
+@dataclass
+class ScoreResult:
+    logprobs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A greedy continuation of ``ids`` of at most ``max_new_tokens`` tokens."""
+
+    ids: Sequence[int]
+    max_new_tokens: int = 16
+
+
+@dataclass
+class GenerateResult:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    error: str | None = None
+
+
+class Backend(ABC):
+    """One loaded model. Subclasses set ``name`` and ``capabilities``.
+
+    White-box backends implement the embedding methods; black-box backends leave them
+    raising ``NotImplementedError`` and do not declare ``Capability.EMBEDDINGS``.
+    """
+
+    name: str = "backend"
+    capabilities: frozenset[Capability] = frozenset()
+
+    def __init__(self, target: str, **options: Any) -> None:
+        self.target = target
+        self.options = options
+
+    @abstractmethod
+    def fingerprint(self) -> Fingerprint:
+        """Identity of the model, its weights, dtype and tokenizer."""
+
+    @abstractmethod
+    def vocab(self) -> Vocab:
+        """Every token: id, raw bytes, display text, special flag."""
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata stored with the model (architecture, sizes, device)."""
+        return {}
+
+    def input_embeddings(self) -> np.ndarray:
+        """The input embedding matrix, rows indexed by token id, as float32."""
+        raise NotImplementedError(f"{self.name} backend has no input embeddings")
+
+    def output_embeddings(self) -> np.ndarray:
+        """The output (unembedding) matrix, rows indexed by token id, as float32."""
+        raise NotImplementedError(f"{self.name} backend has no output embeddings")
+
+    def embeddings_tied(self) -> bool:
+        return False
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        raise NotImplementedError(f"{self.name} backend cannot score")
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        raise NotImplementedError(f"{self.name} backend cannot generate")
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends need nothing
+        """Free resources (weights, connections)."""

@@ -1,0 +1,276 @@
+"""The ``harness`` command line (typer); plugins add commands with ``register_commands``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from harness import __version__, paths
+from harness.db import open_db, query_readonly
+from harness.errors import HarnessError
+from harness.plugins import get_plugin_manager, registry
+from harness.runner import DEFAULT_DETECTORS, Reporter, scan
+from harness.summary import top_tokens, verdict_counts
+
+out = Console()
+err = Console(stderr=True)
+
+DbOption = Annotated[str | None, typer.Option(
+    "--db", help="Database file or SQLAlchemy URL (default: $HARNESS_DB, else the data dir).")]
+
+
+def _db_url(db: str | None) -> str:
+    return paths.db_url(db) if db else paths.default_db_url()
+
+
+class RichReporter(Reporter):
+    """Draws the scan's stages as rich progress bars on stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    @contextmanager
+    def status(self, message: str):
+        task = self.progress.add_task(message, total=None)
+        try:
+            yield
+        finally:
+            self.progress.update(task, visible=False)
+            self.progress.remove_task(task)
+
+    def start(self, label: str, total: int) -> Callable[[int], None]:
+        task = self.progress.add_task(label, total=total)
+        return lambda n: self.progress.advance(task, n)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(message)
+
+
+def _parse_options(options: list[str]) -> dict[str, dict[str, Any]]:
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        det, dot, opt = key.partition(".")
+        if not sep or not dot or not opt:
+            raise HarnessError(f"bad option {item!r}: write DETECTOR.KEY=VALUE, "
+                               "e.g. embedding-centroid.z=4")
+        parsed.setdefault(det.strip(), {})[opt.strip()] = value
+    return parsed
+
+
+def show_token(text: str) -> str:
+    return escape(repr(text))
+
+
+def cmd_scan(
+    model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")]
+    = "smollm2",
+    detectors: Annotated[str, typer.Option(
+        "--detectors", "-d", help="Comma-separated detector names.")] = ",".join(DEFAULT_DETECTORS),
+    db: DbOption = None,
+    backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="auto, float32, bfloat16 or float16 (hf backend).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="Detector option DETECTOR.KEY=VALUE (repeatable).")] = None,
+    top: Annotated[int, typer.Option(help="How many suspicious tokens to list.")] = 25,
+    fresh: Annotated[bool, typer.Option(
+        help="Run every detector again instead of reusing stored runs.")] = False,
+) -> None:
+    """Scan MODEL with the detectors and print the most suspicious tokens."""
+    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    if not names:
+        raise HarnessError("--detectors names no detector")
+    engine = open_db(_db_url(db))
+    backend_options = {"dtype": dtype, "device": device}
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    with progress:
+        result = scan(model, engine, names, backend=backend, backend_options=backend_options,
+                      detector_options=_parse_options(option or []), fresh=fresh,
+                      reporter=RichReporter(progress))
+    out.print(f"[bold]{escape(result.ref.alias or result.ref.ref)}[/] "
+              f"({escape(result.ref.ref)}), {result.vocab_size} tokens, "
+              f"model loaded in {result.load_s:.1f} s")
+    done: dict[str, int] = {}
+    failed = False
+    for o in result.outcomes:
+        if o.status in ("done", "reused", "resumed"):
+            counts = verdict_counts(engine, o.run_id)
+            summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            timing = f"{o.wall_s:.2f} s" if o.status != "reused" else "stored run reused"
+            out.print(f"  {o.detector}: {summary} ({timing}, run {o.run_id})")
+            done[o.detector] = o.run_id
+        else:
+            failed = failed or o.status == "failed"
+            out.print(f"  {o.detector}: [yellow]{o.status}[/]: {escape(o.reason or '')}")
+    ranked = top_tokens(engine, result.model_id, done, top)
+    if ranked:
+        name = escape(result.ref.alias or result.ref.ref)
+        table = Table(title=f"Most suspicious tokens of {name}")
+        table.add_column("id", justify="right")
+        table.add_column("token", overflow="fold", min_width=16)
+        table.add_column("category")
+        table.add_column("flagged", justify="right")
+        for det in done:
+            table.add_column(det.replace("-", "-\n", 1), justify="right")
+        for r in ranked:
+            cells = []
+            for det in done:
+                s = r.scores[det]
+                mark = "[red]*[/]" if r.verdicts[det] in ("glitch", "suspect") else ""
+                cells.append(("-" if s is None else f"{s:.4f}") + mark)
+            table.add_row(str(r.token_id), show_token(r.text), r.category,
+                          f"{r.n_flagged}/{len(done)}", *cells)
+        out.print(table)
+        out.print("[dim]* flagged by that detector. Query everything with "
+                  "`harness sql \"SELECT * FROM flagged_tokens\"`.[/]")
+    if failed:
+        raise typer.Exit(1)
+
+
+def cmd_models() -> None:
+    """List model aliases and what they resolve to."""
+    reg = registry()
+    table = Table(title="Model aliases")
+    for col in ("alias", "resolves to", "backend", "description", "from"):
+        table.add_column(col)
+    for a in sorted(reg.models.values(), key=lambda a: a.alias):
+        table.add_row(a.alias, escape(a.describe_target()), a.backend or "(by target)",
+                      escape(a.description), a.source)
+    out.print(table)
+    out.print("[dim]Also: BACKEND:TARGET (e.g. hf:openai-community/gpt2), "
+              "or a path to a .gguf file or a Hugging Face model folder.[/]")
+
+
+def cmd_plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List every backend, detector, probe set and model alias, with the package it came from."""
+    reg = registry()
+    data = {
+        "backends": [{"name": b.name, "package": b.source} for b in reg.backends.values()],
+        "detectors": [{"name": n, "version": c.version, "requires": sorted(c.requires),
+                       "description": c.description, "package": s}
+                      for n, (c, s) in reg.detectors.items()],
+        "probes": [{"name": n, "description": p.description, "templates": len(p.templates),
+                    "package": s} for n, (p, s) in reg.probes.items()],
+        "models": [{"name": a.alias, "target": a.describe_target(), "package": a.source}
+                   for a in reg.models.values()],
+        "plugins": [name for name, _ in get_plugin_manager().list_name_plugin()],
+    }
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    for kind in ("backends", "detectors", "probes", "models"):
+        rows = data[kind]
+        table = Table(title=kind.capitalize() if kind != "probes" else "Probe sets")
+        cols = [c for c in rows[0]] if rows else ["name", "package"]
+        for c in cols:
+            table.add_column(c)
+        for r in rows:
+            table.add_row(*[escape(", ".join(v) if isinstance(v, list) else str(v))
+                            for v in r.values()])
+        out.print(table)
+
+
+def cmd_sql(
+    query: Annotated[str, typer.Argument(help="One SELECT statement.")],
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Rows as a JSON list.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Rows as CSV.")] = False,
+) -> None:
+    """Run a read-only SQL query on the results database."""
+    if as_json and as_csv:
+        raise HarnessError("choose one of --json and --csv")
+    cols, rows = query_readonly(_db_url(db), query)
+
+    def cell(v: Any) -> Any:
+        return v.hex() if isinstance(v, bytes) else v
+
+    if as_json:
+        sys.stdout.write(json.dumps([{c: cell(v) for c, v in zip(cols, r, strict=True)}
+                                     for r in rows], ensure_ascii=False, indent=2) + "\n")
+    elif as_csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows([[cell(v) for v in r] for r in rows])
+    else:
+        table = Table()
+        for c in cols:
+            table.add_column(escape(c))
+        for r in rows:
+            table.add_row(*[escape(repr(v) if isinstance(v, bytes) else str(v)) for v in r])
+        out.print(table)
+        err.print(f"[dim]{len(rows)} row{'s' if len(rows) != 1 else ''}[/]")
+
+
+def cmd_db_path(db: DbOption = None) -> None:
+    """Print where the results database is."""
+    from sqlalchemy.engine import make_url
+
+    url = _db_url(db)
+    parsed = make_url(url)
+    print(parsed.database if parsed.get_backend_name() == "sqlite" else
+          parsed.render_as_string(hide_password=True))
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(name="harness", no_args_is_help=True, pretty_exceptions_enable=False,
+                      add_completion=False,
+                      help="Find glitch tokens in language models; every result goes to SQLite.")
+    app.command("scan")(cmd_scan)
+    app.command("models")(cmd_models)
+    app.command("plugins")(cmd_plugins)
+    app.command("sql")(cmd_sql)
+    db_app = typer.Typer(help="The results database.", no_args_is_help=True)
+    db_app.command("path")(cmd_db_path)
+    app.add_typer(db_app, name="db")
+
+    @app.callback(invoke_without_command=True)
+    def _root(version: Annotated[bool, typer.Option("--version")] = False) -> None:
+        if version:
+            print(f"glitch-harness {__version__}")
+            raise typer.Exit()
+
+    get_plugin_manager().hook.register_commands(app=app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    try:
+        app = build_app()
+        app(args=argv, prog_name="harness", standalone_mode=False)
+    except HarnessError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("interrupted: finished batches are saved; run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

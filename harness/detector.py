@@ -1,0 +1,120 @@
+"""The detector interface and what detectors produce."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from harness.backend import Backend, Capability
+from harness.errors import HarnessError
+from harness.vocab import Vocab
+
+GLITCH = "glitch"
+SUSPECT = "suspect"
+OK = "ok"
+ERROR = "error"
+SKIPPED = "skipped"
+VERDICTS = (GLITCH, SUSPECT, OK, ERROR, SKIPPED)
+
+
+@dataclass
+class Finding:
+    """What a detector concluded about one token."""
+
+    token_id: int
+    score: float | None
+    verdict: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScanContext:
+    """What a detector gets to work with."""
+
+    backend: Backend
+    vocab: Vocab
+    categories: np.ndarray
+    progress: Callable[[int], None] = lambda n: None
+
+
+class Detector:
+    """Base class of every detector.
+
+    Subclasses set ``name``, ``version`` (bump it when results change), ``requires`` (the
+    backend capabilities needed), ``suspicious_when`` (``"low"`` or ``"high"`` scores are the
+    glitchy end) and ``defaults`` (options and their default values), and implement ``run``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    requires: ClassVar[frozenset[Capability]] = frozenset()
+    suspicious_when: ClassVar[Literal["low", "high"]] = "low"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise HarnessError(f"detector {self.name!r} has no option "
+                               f"{', '.join(sorted(unknown))} (options: {known})")
+        self.options: dict[str, Any] = {
+            k: _coerce(v, self.defaults[k], k) for k, v in {**self.defaults, **options}.items()
+        }
+
+    def missing_capabilities(self, backend: Backend) -> set[Capability]:
+        return set(self.requires) - set(backend.capabilities)
+
+    def prepare(self, ctx: ScanContext) -> dict[str, Any]:
+        """Resolve options that depend on the model (e.g. an automatic reference set).
+
+        Returns the options to record with the run; called before ``run``.
+        """
+        return dict(self.options)
+
+    def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
+        """Yield findings for ``token_ids`` in batches; each batch is committed as it comes."""
+        raise NotImplementedError
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """Options arrive from the CLI as strings: give them the type of their default."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise HarnessError(
+            f"option {key}={value!r} is not a valid {type(default).__name__}") from None
+    return value
+
+
+def robust_z(scores: np.ndarray) -> np.ndarray:
+    """Modified z-score (Iglewicz & Hoaglin): (x - median) / (1.4826 * MAD), NaN-safe."""
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        return np.zeros_like(scores)
+    med = np.median(finite)
+    mad = np.median(np.abs(finite - med)) * 1.4826
+    if mad == 0:
+        mad = np.std(finite) or 1.0
+    return (scores - med) / mad
+
+
+def tail_verdicts(scores: np.ndarray, suspicious_when: str, z_threshold: float) -> np.ndarray:
+    """``suspect`` where the robust z-score is past ``z_threshold`` on the glitchy side."""
+    z = robust_z(scores)
+    flagged = z <= -z_threshold if suspicious_when == "low" else z >= z_threshold
+    return np.where(flagged, SUSPECT, OK)

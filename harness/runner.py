@@ -1,0 +1,241 @@
+"""A scan: load a model, store its tokens, run detectors, commit findings batch by batch.
+
+A scan killed mid-way leaves its run in status ``running``; the next identical scan resumes
+it, running the detector only on tokens without a finding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, text
+from sqlalchemy.engine import Engine
+
+from harness import __version__
+from harness.backend import Backend
+from harness.detector import Detector, Finding, ScanContext
+from harness.errors import HarnessError
+from harness.plugins import Registry, registry
+from harness.refs import ResolvedRef, resolve
+from harness.schema import Model, Run
+from harness.vocab import Vocab, analyze
+
+DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine")
+
+
+class Reporter:
+    """Progress callbacks; the CLI draws them with rich, tests ignore them."""
+
+    def status(self, message: str) -> AbstractContextManager:
+        return nullcontext()
+
+    def start(self, label: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class DetectorOutcome:
+    detector: str
+    run_id: int
+    status: str  # done | reused | resumed | skipped | failed
+    reason: str | None = None
+    wall_s: float = 0.0
+    n_findings: int = 0
+
+
+@dataclass
+class ScanResult:
+    model_id: int
+    ref: ResolvedRef
+    fingerprint: str
+    vocab_size: int
+    load_s: float
+    outcomes: list[DetectorOutcome] = field(default_factory=list)
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def load_backend(ref: ResolvedRef, reg: Registry, **backend_options: Any) -> Backend:
+    entry = reg.backends[ref.backend]
+    options = {k: v for k, v in backend_options.items() if v is not None}
+    return entry.factory(ref.target, **options)
+
+
+def make_detectors(names: Sequence[str], reg: Registry,
+                   options: dict[str, dict[str, Any]]) -> list[Detector]:
+    unknown = [n for n in names if n not in reg.detectors]
+    if unknown:
+        raise HarnessError(f"unknown detector {', '.join(map(repr, unknown))} "
+                           f"(known: {', '.join(sorted(reg.detectors))})")
+    stray = set(options) - set(names)
+    if stray:
+        raise HarnessError(f"options given for detector(s) not in this scan: "
+                           f"{', '.join(sorted(stray))}")
+    return [reg.detectors[n][0](**options.get(n, {})) for n in names]
+
+
+def options_key(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab,
+                reporter: Reporter) -> tuple[int, np.ndarray, str]:
+    """Insert the model and its tokens (once per fingerprint); return id and categories."""
+    fp = backend.fingerprint()
+    key = fp.key()
+    with engine.begin() as conn:
+        row = conn.execute(select(Model.id).where(Model.fingerprint == key)).first()
+        if row is not None:
+            model_id = row[0]
+            cats = conn.execute(text("SELECT category FROM tokens WHERE model_id = :m "
+                                     "ORDER BY token_id"), {"m": model_id}).scalars().all()
+            if len(cats) == len(vocab):
+                conn.execute(text("UPDATE models SET alias = coalesce(:a, alias) WHERE id = :m"),
+                             {"a": ref.alias, "m": model_id})
+                return model_id, np.array(cats, dtype=object), key
+            conn.execute(text("DELETE FROM tokens WHERE model_id = :m"), {"m": model_id})
+        else:
+            meta = {**backend.describe(), "fingerprint": fp.__dict__}
+            model_id = conn.execute(
+                Model.__table__.insert().values(
+                    ref=ref.ref, alias=ref.alias, backend=ref.backend, fingerprint=key,
+                    tokenizer_hash=fp.tokenizer_hash, vocab_size=len(vocab),
+                    meta_json=json.dumps(meta, default=str), created_utc=now(),
+                )).inserted_primary_key[0]
+        with reporter.status(f"analysing {len(vocab)} tokens"):
+            encode_batch = getattr(backend, "encode_batch", None) or (
+                lambda texts: [backend.encode(t) for t in texts])
+            cats = analyze(vocab, encode_batch)
+            rows = list(zip([model_id] * len(vocab), range(len(vocab)), vocab.raw, vocab.text,
+                            cats.tolist(), strict=True))
+            conn.exec_driver_sql(
+                "INSERT INTO tokens (model_id, token_id, raw, text, category) "
+                "VALUES (?, ?, ?, ?, ?)", rows)
+    return model_id, cats, key
+
+
+def _insert_findings(engine: Engine, run_id: int, batch: list[Finding]) -> None:
+    rows = [(run_id, f.token_id, None if f.score is None or not np.isfinite(f.score)
+             else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
+            for f in batch]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT OR IGNORE INTO findings (run_id, token_id, score, verdict, evidence_json) "
+            "VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanContext,
+                 reporter: Reporter, fresh: bool = False) -> DetectorOutcome:
+    """Run one detector on every token of the model, reusing or resuming a matching run."""
+    n = len(ctx.vocab)
+    missing = detector.missing_capabilities(ctx.backend)
+    base = {"model_id": model_id, "detector": detector.name,
+            "detector_version": detector.version, "harness_version": __version__,
+            "suspicious_when": detector.suspicious_when}
+    if missing:
+        reason = (f"backend {ctx.backend.name!r} lacks "
+                  f"{', '.join(sorted(m.value for m in missing))}")
+        opts = dict(detector.options)
+        with engine.begin() as conn:
+            run_id = conn.execute(Run.__table__.insert().values(
+                **base, options_json=json.dumps(opts, default=str), options_key=options_key(opts),
+                status="skipped", status_reason=reason, started_utc=now(), finished_utc=now(),
+                wall_s=0.0)).inserted_primary_key[0]
+        return DetectorOutcome(detector.name, run_id, "skipped", reason)
+
+    t0 = time.perf_counter()
+    resolved = detector.prepare(ctx)
+    key = options_key(resolved)
+    with engine.begin() as conn:
+        prior = conn.execute(
+            select(Run.id, Run.status).where(
+                Run.model_id == model_id, Run.detector == detector.name,
+                Run.detector_version == detector.version, Run.options_key == key,
+                Run.status.in_(("done", "running"))).order_by(Run.id.desc())).first()
+    if prior is not None and prior.status == "done" and not fresh:
+        return DetectorOutcome(detector.name, prior.id, "reused")
+    if prior is not None and prior.status == "running" and not fresh:
+        run_id, status = prior.id, "resumed"
+        with engine.connect() as conn:
+            done_ids = conn.execute(text("SELECT token_id FROM findings WHERE run_id = :r"),
+                                    {"r": run_id}).scalars().all()
+        todo = np.setdiff1d(np.arange(n), np.asarray(done_ids, dtype=np.int64))
+    else:
+        with engine.begin() as conn:
+            run_id = conn.execute(Run.__table__.insert().values(
+                **base, options_json=json.dumps(resolved, default=str), options_key=key,
+                status="running", started_utc=now())).inserted_primary_key[0]
+        status, todo = "done", np.arange(n)
+
+    advance = reporter.start(detector.name, n)
+    advance(n - len(todo))
+    count = 0
+    ctx.progress = advance
+    try:
+        for batch in detector.run(ctx, todo):
+            _insert_findings(engine, run_id, batch)
+            count += len(batch)
+            advance(len(batch))
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the run stays 'running': the next scan resumes it
+    except HarnessError as exc:
+        _finish(engine, run_id, "failed", str(exc), time.perf_counter() - t0)
+        return DetectorOutcome(detector.name, run_id, "failed", str(exc))
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        _finish(engine, run_id, "failed", reason, time.perf_counter() - t0)
+        return DetectorOutcome(detector.name, run_id, "failed", reason)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM findings WHERE run_id = :r"),
+                              {"r": run_id}).scalar_one()
+    if stored != n:
+        reason = f"detector returned findings for {stored} of {n} tokens"
+        _finish(engine, run_id, "failed", reason, time.perf_counter() - t0)
+        return DetectorOutcome(detector.name, run_id, "failed", reason)
+    wall = time.perf_counter() - t0
+    _finish(engine, run_id, "done", None, wall)
+    return DetectorOutcome(detector.name, run_id, status, None, wall, count)
+
+
+def _finish(engine: Engine, run_id: int, status: str, reason: str | None, wall: float) -> None:
+    with engine.begin() as conn:
+        conn.execute(Run.__table__.update().where(Run.id == run_id).values(
+            status=status, status_reason=reason, finished_utc=now(), wall_s=wall))
+
+
+def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTORS,
+         backend: str | None = None, backend_options: dict[str, Any] | None = None,
+         detector_options: dict[str, dict[str, Any]] | None = None, fresh: bool = False,
+         reporter: Reporter | None = None) -> ScanResult:
+    """Scan ``model`` with ``detectors`` and store everything in ``engine``'s database."""
+    reporter = reporter or Reporter()
+    reg = registry()
+    dets = make_detectors(list(detectors), reg, detector_options or {})
+    ref = resolve(model, reg, backend)
+    t0 = time.perf_counter()
+    with reporter.status(f"loading {ref.alias or ref.ref}"):
+        be = load_backend(ref, reg, **(backend_options or {}))
+    load_s = time.perf_counter() - t0
+    try:
+        vocab = be.vocab()
+        model_id, cats, key = store_model(engine, ref, be, vocab, reporter)
+        result = ScanResult(model_id, ref, key, len(vocab), load_s)
+        for det in dets:
+            ctx = ScanContext(backend=be, vocab=vocab, categories=cats)
+            result.outcomes.append(run_detector(engine, model_id, det, ctx, reporter, fresh))
+        return result
+    finally:
+        be.close()

@@ -1,0 +1,66 @@
+"""The "most suspicious tokens" ranking shown at the end of a scan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+
+@dataclass
+class RankedToken:
+    token_id: int
+    text: str
+    category: str
+    n_flagged: int
+    suspicion: float  # mean percentile toward the glitchy end, 1.0 = most suspicious
+    scores: dict[str, float | None]
+    verdicts: dict[str, str]
+
+
+def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25
+               ) -> list[RankedToken]:
+    """Tokens ranked by how many detectors flag them, then by mean suspicion percentile."""
+    if not run_ids:
+        return []
+    with engine.connect() as conn:
+        tokens = conn.execute(text("SELECT token_id, text, category FROM tokens "
+                                   "WHERE model_id = :m ORDER BY token_id"),
+                              {"m": model_id}).all()
+        size = len(tokens)
+        flagged = np.zeros(size, dtype=np.int64)
+        suspicion = np.zeros(size)
+        scores: dict[str, np.ndarray] = {}
+        verdicts: dict[str, np.ndarray] = {}
+        for det, run_id in run_ids.items():
+            when = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
+                                {"r": run_id}).scalar_one()
+            rows = conn.execute(text("SELECT token_id, score, verdict FROM findings "
+                                     "WHERE run_id = :r"), {"r": run_id}).all()
+            s = np.full(size, np.nan)
+            v = np.full(size, "", dtype=object)
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            s[ids] = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=float)
+            v[ids] = [r[2] for r in rows]
+            key = np.where(np.isnan(s), np.inf, -s if when == "high" else s)
+            rank = np.empty(size)
+            rank[np.argsort(key, kind="stable")] = np.arange(size)
+            suspicion += 1.0 - rank / max(size - 1, 1)
+            flagged += np.isin(v, ("glitch", "suspect"))
+            scores[det], verdicts[det] = s, v
+    suspicion /= len(run_ids)
+    order = np.lexsort((-suspicion, -flagged))[:n]
+    return [RankedToken(int(i), tokens[i][1], tokens[i][2], int(flagged[i]), float(suspicion[i]),
+                        {d: (None if np.isnan(scores[d][i]) else float(scores[d][i]))
+                         for d in run_ids},
+                        {d: str(verdicts[d][i]) for d in run_ids})
+            for i in order]
+
+
+def verdict_counts(engine: Engine, run_id: int) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT verdict, count(*) FROM findings WHERE run_id = :r "
+                                 "GROUP BY verdict"), {"r": run_id}).all()
+    return {v: c for v, c in rows}
