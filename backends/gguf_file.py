@@ -27,8 +27,8 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(str(path))
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as exc:  # the reader raises many kinds of errors on damaged files
-        raise ModelLoadError(f"{path} is a damaged GGUF file: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        raise ModelLoadError(f"{path} is a damaged or truncated GGUF file ("
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
                              ) from None
     if end > size:
         raise ModelLoadError(f"{path} is truncated: its tensors need {end} bytes, "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -99,6 +98,7 @@ class HFBackend(Backend):
             self._source = f"folder:{path.resolve()}#{_folder_digest(path)}"
             self._load_pretrained(str(path), what=f"model folder {path}")
         else:
+            _check_hub_reachable(target)
             self._load_pretrained(target, what=f"{target!r} from the Hugging Face hub")
             revision = getattr(self.model.config, "_commit_hash", None) or "unknown-revision"
             self._source = f"hub:{target}@{revision}"
@@ -108,6 +108,7 @@ class HFBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             self.model = AutoModelForCausalLM.from_pretrained(
@@ -135,7 +136,7 @@ class HFBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        hf_logging.disable_progress_bar()
         try:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -187,7 +188,8 @@ class HFBackend(Backend):
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return False
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        raw = backend.decoder.__getstate__() if backend.decoder is not None else b"{}"
+        decoder = json.loads(raw) or {}
         parts = decoder.get("decoders", [decoder]) if decoder else []
         return any(p.get("type") == "ByteLevel" for p in parts)
 
@@ -355,6 +357,34 @@ class HFBackend(Backend):
     def close(self) -> None:
         self.model = None
         self._vocab = None
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when a hub model is neither cached nor downloadable.
+
+    Without this, huggingface_hub retries for about a minute and logs every retry.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"{repo_id!r} is not in the local Hugging Face cache and "
+                             "HF_HUB_OFFLINE is set")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot download {repo_id!r}: the Hugging Face hub ({url.hostname}) is "
+            f"unreachable ({exc.strerror or exc}) and the model is not in the local cache"
+        ) from None
 
 
 def _folder_digest(path: Path) -> str:

@@ -6,21 +6,18 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from harness.detector import Finding
+from harness.detector import FindingArrays
 
 CHUNK = 16384
 
 
 def findings_in_chunks(token_ids: np.ndarray, scores: np.ndarray, verdicts: np.ndarray,
-                       evidence: dict[str, np.ndarray]) -> Iterator[list[Finding]]:
-    """Turn per-token arrays (indexed by token id) into batches of findings for ``token_ids``."""
+                       evidence: dict[str, np.ndarray]) -> Iterator[FindingArrays]:
+    """Slice per-token arrays (indexed by token id) into batches for ``token_ids``."""
     for start in range(0, len(token_ids), CHUNK):
         ids = token_ids[start: start + CHUNK]
-        s = scores[ids].tolist()
-        v = verdicts[ids].tolist()
-        ev = {k: np.round(a[ids].astype(float), 6).tolist() for k, a in evidence.items()}
-        yield [Finding(int(t), s[j], v[j], {k: ev[k][j] for k in ev})
-               for j, t in enumerate(ids.tolist())]
+        yield FindingArrays(ids, scores[ids], verdicts[ids],
+                            {k: a[ids] for k, a in evidence.items()})
 
 
 def row_norms(matrix: np.ndarray) -> np.ndarray:
@@ -30,9 +27,22 @@ def row_norms(matrix: np.ndarray) -> np.ndarray:
 def duplicate_counts(matrix: np.ndarray) -> np.ndarray:
     """For each row, how many other rows are bit-for-bit identical to it.
 
-    Rows compare as opaque byte strings (one sort), so no float rounding can merge rows.
+    Rows are hashed by an integer mix of their bit patterns (exact, unlike a float dot
+    product), then rows with equal hashes are compared byte for byte.
     """
     rows = np.ascontiguousarray(matrix)
-    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    bits = rows.view(np.uint32) if rows.dtype.itemsize == 4 else rows.view(np.uint16)
+    weights = np.random.default_rng(0).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64)
+    keys = np.empty(len(rows), dtype=np.uint64)
+    for start in range(0, len(rows), 8192):
+        chunk = bits[start: start + 8192].astype(np.uint64)
+        keys[start: start + 8192] = (chunk * weights).sum(axis=1)  # wraps mod 2**64
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    return counts[inverse.ravel()] - 1
+    result = np.zeros(len(rows), dtype=np.int64)
+    for group in np.unique(inverse[counts[inverse] > 1]):
+        members = np.flatnonzero(inverse == group)
+        same = (bits[members] == bits[members[0]]).all(axis=1)
+        for subset in (members[same], members[~same]):
+            if len(subset) > 1 and (bits[subset] == bits[subset[0]]).all():
+                result[subset] = len(subset) - 1
+    return result

@@ -31,6 +31,39 @@ class Finding:
 
 
 @dataclass
+class FindingArrays:
+    """A batch of findings as arrays (one entry per token): the fast path for detectors that
+    compute whole-vocabulary arrays. ``evidence`` maps a name to one number per token."""
+
+    token_ids: np.ndarray
+    scores: np.ndarray
+    verdicts: np.ndarray
+    evidence: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def evidence_json(self) -> list[str]:
+        """One JSON object per token, formatted by numpy rather than a json.dumps per row."""
+        if not self.evidence:
+            return ["{}"] * len(self)
+        parts = []
+        for key, values in self.evidence.items():
+            values = np.asarray(values, dtype=np.float64)
+            text = np.char.mod(f'"{key}": %.7g', values)
+            parts.append(np.where(np.isfinite(values), text, f'"{key}": null'))
+        joined = parts[0]
+        for part in parts[1:]:
+            joined = np.char.add(np.char.add(joined, ", "), part)
+        return np.char.add(np.char.add("{", joined), "}").tolist()
+
+    def rows(self, run_id: int) -> list[tuple]:
+        scores = [None if not np.isfinite(s) else s for s in self.scores.astype(float).tolist()]
+        return list(zip([run_id] * len(self), self.token_ids.tolist(), scores,
+                        np.asarray(self.verdicts).tolist(), self.evidence_json(), strict=True))
+
+
+@dataclass
 class ScanContext:
     """What a detector gets to work with."""
 
@@ -75,8 +108,10 @@ class Detector:
         """
         return dict(self.options)
 
-    def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
-        """Yield findings for ``token_ids`` in batches; each batch is committed as it comes."""
+    def run(self, ctx: ScanContext, token_ids: np.ndarray
+            ) -> Iterator[list[Finding] | FindingArrays]:
+        """Yield findings for ``token_ids`` in batches (lists of ``Finding`` or one
+        ``FindingArrays``); each batch is committed as it comes."""
         raise NotImplementedError
 
 

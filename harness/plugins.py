@@ -25,15 +25,27 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("harness")
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    pm.check_pending()
+    _check_pending(pm)
     return pm
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """A hook implementation that matches no hook (a misspelling) is an error, not a no-op."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise HarnessError(f"plugin {exc.plugin!r} is broken: {exc}") from None
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin object or module at run time (tests, notebooks)."""
     pm = get_plugin_manager()
     pm.register(plugin, name=name)
-    pm.check_pending()
+    try:
+        _check_pending(pm)
+    except HarnessError:
+        pm.unregister(plugin)
+        raise
 
 
 def unregister_plugin(plugin: object) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from harness import __version__
 from harness.backend import Backend
-from harness.detector import Detector, Finding, ScanContext
+from harness.detector import Detector, Finding, FindingArrays, ScanContext
 from harness.errors import HarnessError
 from harness.plugins import Registry, registry
 from harness.refs import ResolvedRef, resolve
@@ -100,8 +100,9 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
         row = conn.execute(select(Model.id).where(Model.fingerprint == key)).first()
         if row is not None:
             model_id = row[0]
-            cats = conn.execute(text("SELECT category FROM tokens WHERE model_id = :m "
-                                     "ORDER BY token_id"), {"m": model_id}).scalars().all()
+            cats = [c for (c,) in conn.exec_driver_sql(
+                "SELECT category FROM tokens WHERE model_id = ? ORDER BY token_id",
+                (model_id,)).fetchall()]
             if len(cats) == len(vocab):
                 conn.execute(text("UPDATE models SET alias = coalesce(:a, alias) WHERE id = :m"),
                              {"a": ref.alias, "m": model_id})
@@ -127,10 +128,13 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
     return model_id, cats, key
 
 
-def _insert_findings(engine: Engine, run_id: int, batch: list[Finding]) -> None:
-    rows = [(run_id, f.token_id, None if f.score is None or not np.isfinite(f.score)
-             else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
-            for f in batch]
+def _insert_findings(engine: Engine, run_id: int, batch: list[Finding] | FindingArrays) -> None:
+    if isinstance(batch, FindingArrays):
+        rows = batch.rows(run_id)
+    else:
+        rows = [(run_id, f.token_id, None if f.score is None or not np.isfinite(f.score)
+                 else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
+                for f in batch]
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT OR IGNORE INTO findings (run_id, token_id, score, verdict, evidence_json) "
@@ -170,8 +174,8 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
     if prior is not None and prior.status == "running" and not fresh:
         run_id, status = prior.id, "resumed"
         with engine.connect() as conn:
-            done_ids = conn.execute(text("SELECT token_id FROM findings WHERE run_id = :r"),
-                                    {"r": run_id}).scalars().all()
+            done_ids = [t for (t,) in conn.exec_driver_sql(
+                "SELECT token_id FROM findings WHERE run_id = ?", (run_id,)).fetchall()]
         todo = np.setdiff1d(np.arange(n), np.asarray(done_ids, dtype=np.int64))
     else:
         with engine.begin() as conn:

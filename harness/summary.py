@@ -26,9 +26,9 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
     if not run_ids:
         return []
     with engine.connect() as conn:
-        tokens = conn.execute(text("SELECT token_id, text, category FROM tokens "
-                                   "WHERE model_id = :m ORDER BY token_id"),
-                              {"m": model_id}).all()
+        tokens = conn.exec_driver_sql("SELECT token_id, text, category FROM tokens "
+                                      "WHERE model_id = ? ORDER BY token_id",
+                                      (model_id,)).fetchall()
         size = len(tokens)
         flagged = np.zeros(size, dtype=np.int64)
         suspicion = np.zeros(size)
@@ -37,13 +37,14 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
         for det, run_id in run_ids.items():
             when = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
                                 {"r": run_id}).scalar_one()
-            rows = conn.execute(text("SELECT token_id, score, verdict FROM findings "
-                                     "WHERE run_id = :r"), {"r": run_id}).all()
+            rows = conn.exec_driver_sql("SELECT token_id, score, verdict FROM findings "
+                                        "WHERE run_id = ?", (run_id,)).fetchall()
             s = np.full(size, np.nan)
             v = np.full(size, "", dtype=object)
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            s[ids] = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=float)
-            v[ids] = [r[2] for r in rows]
+            if rows:
+                ids, sc, vd = zip(*rows, strict=True)
+                s[list(ids)] = np.array(sc, dtype=float)  # None becomes nan
+                v[list(ids)] = vd
             key = np.where(np.isnan(s), np.inf, -s if when == "high" else s)
             rank = np.empty(size)
             rank[np.argsort(key, kind="stable")] = np.arange(size)
