@@ -3,7 +3,8 @@
 For each model: a first run with an empty model cache (the GGUF is dequantized and cached as
 safetensors), a second run with the cache warm, each in a fresh database so the detectors run
 again; wall time and peak memory from /usr/bin/time. Then, in one process, the detectors'
-own compute time against a baseline that loops over the vocabulary in Python, side by side.
+own time (findings ready to insert) against the same computation written as a loop
+over the vocabulary in Python, side by side, with the share of verdicts they agree on.
 
     .venv/bin/python benchmarks/static_scan.py [smollm2 gemma3-270m]
 
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from harness.detector import Finding
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = str(Path(sys.executable).parent / "harness")
@@ -43,20 +46,45 @@ def timed_scan(model: str, cache: Path, home: Path) -> dict:
             "model_load_s": load, "detector_s": {k: float(v) for k, v in runs.items()}}
 
 
-def naive_centroid(emb: np.ndarray) -> np.ndarray:
-    centroid = emb.mean(axis=0)
-    return np.array([np.linalg.norm(row - centroid) for row in emb])
+def naive_centroid(emb: np.ndarray, z_threshold: float = 3.5) -> list[Finding]:
+    """The same findings as embedding-centroid, written as a loop over the vocabulary."""
+    centroid = emb.mean(axis=0, dtype=np.float64)
+    seen: dict[bytes, int] = {}
+    dist, norm = [], []
+    for row in emb:
+        dist.append(float(np.linalg.norm(row - centroid)))
+        norm.append(float(np.linalg.norm(row)))
+        seen[row.tobytes()] = seen.get(row.tobytes(), 0) + 1
+    med = float(np.median(dist))
+    mad = float(np.median([abs(d - med) for d in dist])) * 1.4826
+    out = []
+    for i, row in enumerate(emb):
+        z = (dist[i] - med) / mad
+        dups = seen[row.tobytes()] - 1
+        verdict = "suspect" if z <= -z_threshold or dups > 0 else "ok"
+        out.append(Finding(i, dist[i], verdict, {"norm": norm[i], "z": z, "duplicates": dups}))
+    return out
 
 
-def naive_cosine(unemb: np.ndarray, ref_ids: np.ndarray) -> np.ndarray:
-    mean = unemb[ref_ids].mean(axis=0)
-    return np.array([1 - row @ mean / (np.linalg.norm(row) * np.linalg.norm(mean))
-                     for row in unemb])
+def naive_cosine(unemb: np.ndarray, ref_ids: np.ndarray, z_threshold: float = 3.5
+                 ) -> list[Finding]:
+    """The same findings as unembedding-cosine, written as a loop over the vocabulary."""
+    mean = unemb.mean(axis=0, dtype=np.float64)
+    centered = unemb - mean
+    pc = np.linalg.eigh(centered.T @ centered)[1][:, -1]
+    rows = [row - (row @ pc) * pc for row in unemb]
+    ref = np.mean([rows[i] for i in ref_ids], axis=0)
+    cos = [1 - float(r @ ref / (np.linalg.norm(r) * np.linalg.norm(ref))) for r in rows]
+    med = float(np.median(cos))
+    mad = float(np.median([abs(c - med) for c in cos])) * 1.4826
+    return [Finding(i, c, "suspect" if (c - med) / mad <= -z_threshold else "ok",
+                    {"z": (c - med) / mad}) for i, c in enumerate(cos)]
 
 
 def detector_compute(model: str, cache: Path) -> dict:
+    """Each detector (prepare + run, findings ready to insert) against its Python-loop twin."""
     os.environ["HARNESS_CACHE"] = str(cache)
-    from harness.detector import ScanContext
+    from harness.detector import FindingArrays, ScanContext
     from harness.plugins import registry
     from harness.refs import resolve
     from harness.runner import load_backend
@@ -71,17 +99,22 @@ def detector_compute(model: str, cache: Path) -> dict:
     for name in ("embedding-centroid", "unembedding-cosine"):
         det = reg.detectors[name][0]()
         t = time.perf_counter()
-        det.prepare(ctx)
-        n = sum(len(b) for b in det.run(ctx, ids))
-        out[name] = round(time.perf_counter() - t, 3)
-        assert n == len(vocab)
-    emb = backend.input_embeddings()
-    t = time.perf_counter()
-    naive_centroid(emb)
-    out["baseline-python-loop-centroid"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    naive_cosine(backend.output_embeddings(), np.arange(16))
-    out["baseline-python-loop-cosine"] = round(time.perf_counter() - t, 3)
+        opts = det.prepare(ctx)
+        batches = list(det.run(ctx, ids))
+        rows = [r for b in batches for r in (b.rows(0) if isinstance(b, FindingArrays) else b)]
+        fast_s = time.perf_counter() - t
+        fast = np.concatenate([b.verdicts for b in batches])
+        t = time.perf_counter()
+        if name == "embedding-centroid":
+            slow = naive_centroid(backend.input_embeddings())
+        else:
+            slow = naive_cosine(backend.output_embeddings(), np.array(opts["reference_ids"])
+                                if opts["reference_size"] <= 256 else det._ref_ids)
+        slow_s = time.perf_counter() - t
+        agree = float(np.mean(fast == np.array([f.verdict for f in slow])))
+        out[name] = {"vectorised_s": round(fast_s, 3), "python_loop_s": round(slow_s, 3),
+                     "speedup": round(slow_s / fast_s, 1), "verdict_agreement": agree,
+                     "rows": len(rows)}
     backend.close()
     return out
 
@@ -106,10 +139,10 @@ def main() -> None:
             x = r[run]
             print(f"{model:<12} {run[:6]:<7} {x['wall_s']:>7} {x['peak_rss_mib']:>9} "
                   f"{x['model_load_s']:>7}")
-        c = r["in_process"]
-        print(f"  detectors (compute only): centroid {c['embedding-centroid']} s vs python loop "
-              f"{c['baseline-python-loop-centroid']} s; cosine {c['unembedding-cosine']} s vs "
-              f"python loop {c['baseline-python-loop-cosine']} s")
+        for det, c in r["in_process"].items():
+            print(f"  {det}: {c['vectorised_s']} s vectorised vs {c['python_loop_s']} s "
+                  f"Python loop ({c['speedup']}x), verdicts agree on "
+                  f"{100 * c['verdict_agreement']:.2f}%")
 
 
 if __name__ == "__main__":

@@ -148,15 +148,23 @@ def cmd_scan(
         raise typer.Exit(1)
 
 
-def cmd_models() -> None:
+def cmd_models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List model aliases and what they resolve to."""
     reg = registry()
+    aliases = sorted(reg.models.values(), key=lambda a: a.alias)
+    if as_json:
+        out.print_json(json.dumps([
+            {"alias": a.alias, "target": a.describe_target(), "backend": a.backend,
+             "description": a.description, "package": a.source} for a in aliases]))
+        return
     table = Table(title="Model aliases")
-    for col in ("alias", "resolves to", "backend", "description", "from"):
-        table.add_column(col)
-    for a in sorted(reg.models.values(), key=lambda a: a.alias):
-        table.add_row(a.alias, escape(a.describe_target()), a.backend or "(by target)",
-                      escape(a.description), a.source)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("resolves to", overflow="fold")
+    table.add_column("backend", no_wrap=True)
+    table.add_column("package", overflow="fold")
+    for a in aliases:
+        table.add_row(a.alias, escape(a.describe_target()), a.backend or "hf (default)",
+                      a.source)
     out.print(table)
     out.print("[dim]Also: BACKEND:TARGET (e.g. hf:openai-community/gpt2), "
               "or a path to a .gguf file or a Hugging Face model folder.[/]")
@@ -179,16 +187,18 @@ def cmd_plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         out.print_json(json.dumps(data))
         return
-    for kind in ("backends", "detectors", "probes", "models"):
-        rows = data[kind]
+    shown = {"backends": ("name", "package"), "detectors": ("name", "version", "requires",
+                                                             "package"),
+             "probes": ("name", "templates", "package"), "models": ("name", "package")}
+    for kind, cols in shown.items():
         table = Table(title=kind.capitalize() if kind != "probes" else "Probe sets")
-        cols = [c for c in rows[0]] if rows else ["name", "package"]
         for c in cols:
-            table.add_column(c)
-        for r in rows:
-            table.add_row(*[escape(", ".join(v) if isinstance(v, list) else str(v))
-                            for v in r.values()])
+            table.add_column(c, no_wrap=c == "name", overflow="fold")
+        for r in data[kind]:
+            table.add_row(*[escape(", ".join(r[c]) if isinstance(r[c], list) else str(r[c]))
+                            for c in cols])
         out.print(table)
+    out.print("[dim]Descriptions: harness plugins --json[/]")
 
 
 def cmd_sql(

