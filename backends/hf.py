@@ -105,10 +105,8 @@ class HFBackend(Backend):
 
     def _load_pretrained(self, where: str, what: str, **kwargs: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        _quiet_transformers()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             self.model = AutoModelForCausalLM.from_pretrained(
@@ -133,10 +131,8 @@ class HFBackend(Backend):
         """Dequantize with transformers and save as safetensors (atomic: temp dir, rename)."""
         from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        _quiet_transformers()
         try:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -247,7 +243,7 @@ class HFBackend(Backend):
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
-        return [self.encode(t) for t in texts]
+        return super().encode_batch(texts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -357,6 +353,14 @@ class HFBackend(Backend):
     def close(self) -> None:
         self.model = None
         self._vocab = None
+
+
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars or warnings from transformers under our rich display."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:

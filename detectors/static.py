@@ -39,10 +39,10 @@ def duplicate_counts(matrix: np.ndarray) -> np.ndarray:
         keys[start: start + 8192] = (chunk * weights).sum(axis=1)  # wraps mod 2**64
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     result = np.zeros(len(rows), dtype=np.int64)
-    for group in np.unique(inverse[counts[inverse] > 1]):
-        members = np.flatnonzero(inverse == group)
-        same = (bits[members] == bits[members[0]]).all(axis=1)
-        for subset in (members[same], members[~same]):
-            if len(subset) > 1 and (bits[subset] == bits[subset[0]]).all():
-                result[subset] = len(subset) - 1
+    candidates = np.flatnonzero(counts[inverse.ravel()] > 1)
+    if candidates.size:  # few rows: compare them as opaque byte strings
+        sub = np.ascontiguousarray(bits[candidates])
+        exact = sub.view(np.dtype((np.void, sub.dtype.itemsize * sub.shape[1]))).ravel()
+        _, inv, cnt = np.unique(exact, return_inverse=True, return_counts=True)
+        result[candidates] = cnt[inv.ravel()] - 1
     return result

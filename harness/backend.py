@@ -100,6 +100,10 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts without special tokens; override with a faster batch path."""
+        return [self.encode(t) for t in texts]
+
     def describe(self) -> dict[str, Any]:
         """Metadata stored with the model (architecture, sizes, device)."""
         return {}

@@ -60,9 +60,6 @@ class RichReporter(Reporter):
         task = self.progress.add_task(label, total=total)
         return lambda n: self.progress.advance(task, n)
 
-    def note(self, message: str) -> None:
-        self.progress.console.print(message)
-
 
 def _parse_options(options: list[str]) -> dict[str, dict[str, Any]]:
     parsed: dict[str, dict[str, Any]] = {}

@@ -40,9 +40,6 @@ class Reporter:
     def start(self, label: str, total: int) -> Callable[[int], None]:
         return lambda n: None
 
-    def note(self, message: str) -> None:
-        pass
-
 
 @dataclass
 class DetectorOutcome:
@@ -117,9 +114,7 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
                     meta_json=json.dumps(meta, default=str), created_utc=now(),
                 )).inserted_primary_key[0]
         with reporter.status(f"analysing {len(vocab)} tokens"):
-            encode_batch = getattr(backend, "encode_batch", None) or (
-                lambda texts: [backend.encode(t) for t in texts])
-            cats = analyze(vocab, encode_batch)
+            cats = analyze(vocab, backend.encode_batch)
             rows = list(zip([model_id] * len(vocab), range(len(vocab)), vocab.raw, vocab.text,
                             cats.tolist(), strict=True))
             conn.exec_driver_sql(

@@ -56,14 +56,6 @@ class Vocab:
             h.update(b"\x01" if special else (b"\x02" if pad else b"\x00"))
         return h.hexdigest()
 
-    def find(self, text_or_raw: str | bytes) -> list[int]:
-        """Token ids whose raw bytes or display text equal the argument."""
-        if isinstance(text_or_raw, bytes):
-            return [i for i, r in enumerate(self.raw) if r == text_or_raw]
-        raw = text_or_raw.encode("utf-8")
-        return [i for i, (r, t) in enumerate(zip(self.raw, self.text, strict=True))
-                if t == text_or_raw or (r == raw and not self.special[i])]
-
 
 def analyze(vocab: Vocab, encode_batch: Callable[[Sequence[str]], list[list[int]]]) -> np.ndarray:
     """One category per token (see ``CATEGORIES``), as an array of strings.
