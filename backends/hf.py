@@ -6,11 +6,13 @@ cache dir, keyed by the file's sha256, so the next load takes about a second.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 import shutil
 import tempfile
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from harness.backend import (
     Fingerprint,
     GenerateRequest,
     GenerateResult,
+    ProbeRequest,
+    ProbeResult,
     ScoreRequest,
     ScoreResult,
 )
@@ -33,6 +37,10 @@ from harness.hookspecs import hookimpl
 from harness.vocab import Vocab
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Tokens per forward pass: large enough to keep the matrix units busy, small enough for the
+# activations of a small model to stay in cache on a CPU.
+CPU_BATCH_TOKENS = 4096
+CUDA_BATCH_TOKENS = 65536
 _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -68,7 +76,7 @@ class HFBackend(Backend):
                               Capability.GENERATE})
 
     def __init__(self, target: str, dtype: str = "auto", device: str = "auto",
-                 **options: Any) -> None:
+                 batch_tokens: int | None = None, **options: Any) -> None:
         super().__init__(target, **options)
         try:
             import torch
@@ -85,7 +93,10 @@ class HFBackend(Backend):
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         self.dtype_name = dtype
+        self.batch_tokens = int(batch_tokens or (
+            CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS))
         self._vocab: Vocab | None = None
+        self._prefix_caches: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._load(target)
 
     # --- loading ----------------------------------------------------------------------------
@@ -248,6 +259,20 @@ class HFBackend(Backend):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
+        if not seqs:
+            return []
+        return self.tokenizer.batch_decode([list(s) for s in seqs], skip_special_tokens=False)
+
+    def context_length(self) -> int | None:
+        config = self.model.config
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(text_config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     # --- white-box access -------------------------------------------------------------------
 
     def input_embeddings(self) -> np.ndarray:
@@ -276,8 +301,29 @@ class HFBackend(Backend):
                 return int(candidate)
         return 0
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    def _logits_at(self, ids: Any, mask: Any, cols: list[int]) -> Any:
+        """Logits at columns ``cols`` only: the LM head runs on no other position."""
         torch = self.torch
+        wanted = sorted(set(cols))
+        if "logits_to_keep" in self._forward_params():
+            keep = torch.tensor(wanted, device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, wanted]
+        where = {c: k for k, c in enumerate(wanted)}
+        return logits, torch.tensor([where[c] for c in cols], device=self.device)
+
+    def _keep_last(self) -> dict[str, int]:
+        return {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params() else {}
+
+    def _forward_params(self) -> set[str]:
+        if not hasattr(self, "_params"):
+            import inspect
+
+            self._params = set(inspect.signature(self.model.forward).parameters)
+        return self._params
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         results = [ScoreResult() for _ in requests]
         good = []
         for i, req in enumerate(requests):
@@ -288,13 +334,26 @@ class HFBackend(Backend):
                 results[i].error = f"positions {bad} outside 1..{len(req.ids)}"
             else:
                 good.append(i)
-        if not good:
-            return results
-        width = max(len(requests[i].ids) for i in good)
-        ids = torch.full((len(good), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((len(good), width), dtype=torch.long)
+        # batches of similar length, so little of each pass is spent on padding
+        good.sort(key=lambda i: len(requests[i].ids))
+        batch: list[int] = []
+        for i in good:
+            if batch and (len(batch) + 1) * len(requests[i].ids) > self.batch_tokens:
+                self._score_batch(requests, batch, results)
+                batch = []
+            batch.append(i)
+        if batch:
+            self._score_batch(requests, batch, results)
+        return results
+
+    def _score_batch(self, requests: Sequence[ScoreRequest], batch: list[int],
+                     results: list[ScoreResult]) -> None:
+        torch = self.torch
+        width = max(len(requests[i].ids) for i in batch)
+        ids = torch.full((len(batch), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
         rows, cols, targets = [], [], []
-        for b, i in enumerate(good):
+        for b, i in enumerate(batch):
             req = requests[i]
             ids[b, : len(req.ids)] = torch.tensor(list(req.ids), dtype=torch.long)
             mask[b, : len(req.ids)] = 1
@@ -304,21 +363,100 @@ class HFBackend(Backend):
                 targets.append(t)
         try:
             with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
-                picked = logits[torch.tensor(rows), torch.tensor(cols)].float()
+                logits, at = self._logits_at(ids.to(self.device), mask.to(self.device), cols)
+                picked = logits[torch.tensor(rows, device=self.device), at].float()
                 logp = torch.log_softmax(picked, dim=-1)
-                values = logp[torch.arange(len(targets)), torch.tensor(targets)].cpu().tolist()
+                values = logp[torch.arange(len(targets), device=self.device),
+                              torch.tensor(targets, device=self.device)].cpu().tolist()
         except Exception as exc:  # a failed batch fails each of its items, none is dropped
-            for i in good:
+            for i in batch:
                 results[i].error = f"{type(exc).__name__}: {_first_line(exc)}"
-            return results
+            return
         k = 0
-        for i in good:
+        for i in batch:
             n = len(requests[i].positions)
             results[i].logprobs = values[k: k + n]
             k += n
+
+    def probe(self, requests: Sequence[ProbeRequest]) -> list[ProbeResult]:
+        """Requests with the same prefix and length run together: the prefix once (its
+        key/value cache copied to every row), then only the rows not yet decided decode
+        further; the LM head runs on the last position only."""
+        results = [ProbeResult() for _ in requests]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[(tuple(r.prefix), len(r.ids))].append(i)
+        for (prefix, length), idx in groups.items():
+            per_row = len(prefix) + length + max(requests[i].steps for i in idx)
+            size = max(1, self.batch_tokens // max(1, length + 1))
+            size = min(size, max(1, 4 * self.batch_tokens // per_row))
+            for k in range(0, len(idx), size):
+                chunk = idx[k: k + size]
+                try:
+                    self._probe_chunk(prefix, [requests[i] for i in chunk],
+                                      [results[i] for i in chunk])
+                except Exception as exc:
+                    for i in chunk:
+                        results[i] = ProbeResult(error=f"{type(exc).__name__}: "
+                                                       f"{_first_line(exc)}")
         return results
+
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
+        if prefix in self._prefix_caches:
+            self._prefix_caches.move_to_end(prefix)
+            return self._prefix_caches[prefix]
+        torch = self.torch
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
+        cache = self.model(input_ids=ids, use_cache=True, **self._keep_last()).past_key_values
+        self._prefix_caches[prefix] = cache
+        while len(self._prefix_caches) > 8:
+            self._prefix_caches.popitem(last=False)
+        return cache
+
+    def _probe_chunk(self, prefix: tuple[int, ...], reqs: list[ProbeRequest],
+                     out: list[ProbeResult]) -> None:
+        torch = self.torch
+        n = len(reqs)
+        dev = self.device
+        with torch.inference_mode():
+            past = None
+            if prefix:
+                past = copy.deepcopy(self._prefix_cache(prefix))
+                past.batch_repeat_interleave(n)
+            ids = torch.tensor([list(r.ids) for r in reqs], dtype=torch.long, device=dev)
+            targets = torch.tensor([r.target for r in reqs], dtype=torch.long, device=dev)
+            stop = torch.tensor([r.stop_at if r.stop_at is not None else 2.0 for r in reqs],
+                                device=dev)
+            steps = torch.tensor([r.steps for r in reqs], device=dev)
+            eos = self.tokenizer.eos_token_id
+            eos = -1 if eos is None else int(eos)
+            rows = torch.arange(n, device=dev)  # which request each live row belongs to
+            seen = len(prefix)
+            probs: list[list[float]] = [[] for _ in reqs]
+            greedy: list[list[int]] = [[] for _ in reqs]
+            for step in range(int(steps.max())):
+                mask = torch.ones((len(rows), seen + ids.shape[1]), dtype=torch.long,
+                                  device=dev)
+                res = self.model(input_ids=ids, attention_mask=mask, past_key_values=past,
+                                 use_cache=True, **self._keep_last())
+                past = res.past_key_values
+                seen += ids.shape[1]
+                logp = torch.log_softmax(res.logits[:, -1].float(), dim=-1)
+                p = logp.gather(1, targets[rows, None]).squeeze(1).exp()
+                nxt = logp.argmax(dim=-1)
+                for r, pr, g in zip(rows.tolist(), p.tolist(), nxt.tolist(), strict=True):
+                    probs[r].append(pr)
+                    greedy[r].append(g)
+                live = (p < stop[rows]) & (steps[rows] > step + 1) & (nxt != eos)
+                if not bool(live.any()):
+                    break
+                if not bool(live.all()):
+                    keep = live.nonzero().squeeze(1)
+                    past.batch_select_indices(keep)
+                    rows, nxt = rows[keep], nxt[keep]
+                ids = nxt[:, None]
+        for r, res_ in enumerate(out):
+            res_.probs, res_.ids = probs[r], greedy[r]
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         torch = self.torch
@@ -353,6 +491,7 @@ class HFBackend(Backend):
     def close(self) -> None:
         self.model = None
         self._vocab = None
+        self._prefix_caches.clear()
 
 
 def _quiet_transformers() -> None:

@@ -72,6 +72,33 @@ class GenerateResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ProbeRequest:
+    """Greedily continue ``prefix + ids`` for up to ``steps`` tokens and report the
+    probability of ``target`` at each generated position.
+
+    ``prefix`` is meant to be shared by many requests: backends evaluate it once and reuse
+    its key/value cache. Decoding may stop early once P(target) reaches ``stop_at``.
+    """
+
+    ids: Sequence[int]
+    target: int
+    steps: int = 3
+    prefix: Sequence[int] = ()
+    stop_at: float | None = None
+
+
+@dataclass
+class ProbeResult:
+    probs: list[float] = field(default_factory=list)  # P(target) at each generated position
+    ids: list[int] = field(default_factory=list)  # the greedy tokens
+    error: str | None = None
+
+    @property
+    def max_prob(self) -> float:
+        return max(self.probs, default=float("nan"))
+
+
 class Backend(ABC):
     """One loaded model. Subclasses set ``name`` and ``capabilities``.
 
@@ -104,6 +131,17 @@ class Backend(ABC):
         """Encode many texts without special tokens; override with a faster batch path."""
         return [self.encode(t) for t in texts]
 
+    def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
+        return [self.decode(s) for s in seqs]
+
+    def bos_ids(self) -> list[int]:
+        """What the tokenizer puts before a text (usually ``[bos]`` or nothing)."""
+        return self.encode("", add_special_tokens=True)
+
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes, where known."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Metadata stored with the model (architecture, sizes, device)."""
         return {}
@@ -124,6 +162,24 @@ class Backend(ABC):
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         raise NotImplementedError(f"{self.name} backend cannot generate")
+
+    def probe(self, requests: Sequence[ProbeRequest]) -> list[ProbeResult]:
+        """Needs ``score`` and ``generate``; white-box backends override this with a path
+        that shares prefixes and stops early."""
+        gens = self.generate([GenerateRequest(list(r.prefix) + list(r.ids), r.steps)
+                              for r in requests])
+        scores = []
+        for r, g in zip(requests, gens, strict=True):
+            seq = list(r.prefix) + list(r.ids) + g.ids
+            start = len(r.prefix) + len(r.ids)
+            n = max(1, len(g.ids))
+            scores.append(ScoreRequest(seq, [start + k for k in range(n)], [r.target] * n))
+        results = []
+        for g, s in zip(gens, self.score(scores), strict=True):
+            error = g.error or s.error
+            results.append(ProbeResult(error=error) if error else
+                           ProbeResult([float(np.exp(x)) for x in s.logprobs], g.ids))
+        return results
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends need nothing
         """Free resources (weights, connections)."""

@@ -27,7 +27,7 @@ from harness import __version__, paths
 from harness.db import open_db, query_readonly
 from harness.errors import HarnessError
 from harness.plugins import get_plugin_manager, registry
-from harness.runner import DEFAULT_DETECTORS, Reporter, scan
+from harness.runner import DEFAULT_CANDIDATES, DEFAULT_DETECTORS, Reporter, scan
 from harness.summary import top_tokens, verdict_counts
 
 out = Console()
@@ -92,25 +92,52 @@ def cmd_scan(
     top: Annotated[int, typer.Option(help="How many suspicious tokens to list.")] = 25,
     fresh: Annotated[bool, typer.Option(
         help="Run every detector again instead of reusing stored runs.")] = False,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Run the behavioural detectors on every token, not the candidates.")]
+    = False,
+    candidates: Annotated[float, typer.Option(
+        help="Candidates per static detector: a fraction of the vocabulary (below 1) or a "
+             "count.")] = DEFAULT_CANDIDATES,
+    tokens: Annotated[str | None, typer.Option(
+        help="Comma-separated token ids: run the behavioural detectors on exactly these.")]
+    = None,
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per forward pass (hf backend; default 4096 on CPU, 65536 on CUDA).")]
+    = None,
 ) -> None:
-    """Scan MODEL with the detectors and print the most suspicious tokens."""
+    """Scan MODEL: static detectors on every token, behavioural detectors on the
+    candidates, and one final verdict per token."""
     names = [d.strip() for d in detectors.split(",") if d.strip()]
     if not names:
         raise HarnessError("--detectors names no detector")
+    if candidates <= 0:
+        raise HarnessError("--candidates must be positive")
+    token_ids = None
+    if tokens is not None:
+        try:
+            token_ids = [int(t) for t in tokens.split(",") if t.strip()]
+        except ValueError:
+            raise HarnessError(f"--tokens takes comma-separated token ids, not {tokens!r}"
+                               ) from None
     engine = open_db(_db_url(db))
-    backend_options = {"dtype": dtype, "device": device}
+    backend_options = {"dtype": dtype, "device": device, "batch_tokens": batch_tokens}
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=err)
     with progress:
         result = scan(model, engine, names, backend=backend, backend_options=backend_options,
                       detector_options=_parse_options(option or []), fresh=fresh,
-                      reporter=RichReporter(progress))
+                      reporter=RichReporter(progress), full=full, candidates=candidates,
+                      tokens=token_ids)
     out.print(f"[bold]{escape(result.ref.alias or result.ref.ref)}[/] "
               f"({escape(result.ref.ref)}), {result.vocab_size} tokens, "
               f"model loaded in {result.load_s:.1f} s")
+    if result.candidates is not None:
+        scope = "every token" if result.candidates == result.vocab_size else \
+            f"{result.candidates} tokens"
+        out.print(f"  behavioural detectors ran on {scope}")
     done: dict[str, int] = {}
     failed = False
-    for o in result.outcomes:
+    for o in result.outcomes + ([result.verdict] if result.verdict else []):
         if o.status in ("done", "reused", "resumed"):
             counts = verdict_counts(engine, o.run_id)
             summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
@@ -120,13 +147,16 @@ def cmd_scan(
         else:
             failed = failed or o.status == "failed"
             out.print(f"  {o.detector}: [yellow]{o.status}[/]: {escape(o.reason or '')}")
-    ranked = top_tokens(engine, result.model_id, done, top)
+    final = done.pop("verdict", None)
+    ranked = top_tokens(engine, result.model_id, done, top, final_run=final)
     if ranked:
         name = escape(result.ref.alias or result.ref.ref)
         table = Table(title=f"Most suspicious tokens of {name}")
         table.add_column("id", justify="right")
         table.add_column("token", overflow="fold", min_width=16)
         table.add_column("category")
+        if final is not None:
+            table.add_column("verdict")
         table.add_column("flagged", justify="right")
         for det in done:
             table.add_column(det.replace("-", "-\n", 1), justify="right")
@@ -136,13 +166,58 @@ def cmd_scan(
                 s = r.scores[det]
                 mark = "[red]*[/]" if r.verdicts[det] in ("glitch", "suspect") else ""
                 cells.append(("-" if s is None else f"{s:.4f}") + mark)
-            table.add_row(str(r.token_id), show_token(r.text), r.category,
+            verdict = [_styled(r.final or "-")] if final is not None else []
+            table.add_row(str(r.token_id), show_token(r.text), r.category, *verdict,
                           f"{r.n_flagged}/{len(done)}", *cells)
         out.print(table)
+        view = "glitch_tokens" if final is not None else "flagged_tokens"
         out.print("[dim]* flagged by that detector. Query everything with "
-                  "`harness sql \"SELECT * FROM flagged_tokens\"`.[/]")
+                  f"`harness sql \"SELECT * FROM {view}\"`.[/]")
     if failed:
         raise typer.Exit(1)
+
+
+def _styled(verdict: str) -> str:
+    colour = {"glitch": "bold red", "suspect": "yellow", "error": "magenta"}.get(verdict)
+    return f"[{colour}]{verdict}[/]" if colour else verdict
+
+
+def cmd_evaluate(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias or ref.")],
+    truth: Annotated[str, typer.Option(
+        help="File of token ids or strings (one a line), or a probe set with a known list "
+             "(e.g. repeat-12: the 141 GPT-2/GPT-J glitch tokens).")],
+    db: DbOption = None,
+    positive: Annotated[str, typer.Option(
+        help="Verdicts that count as calling a token glitchy (comma-separated).")] = "glitch",
+    show: Annotated[int, typer.Option(help="How many missed tokens to list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Precision, recall and F1 of MODEL's stored verdicts against known glitch tokens."""
+    from harness.evaluate import evaluate, load_truth
+
+    wanted = tuple(v.strip() for v in positive.split(",") if v.strip())
+    unknown = set(wanted) - {"glitch", "suspect", "error", "ok"}
+    if unknown or not wanted:
+        raise HarnessError(f"--positive takes verdicts glitch, suspect, error, ok "
+                           f"(got {positive!r})")
+    engine = open_db(_db_url(db))
+    ev = evaluate(engine, model, load_truth(truth, registry()), wanted)
+    if as_json:
+        sys.stdout.write(json.dumps(ev.as_dict(), ensure_ascii=False, indent=2) + "\n")
+        return
+    out.print(f"[bold]{escape(ev.model)}[/] verdict run {ev.run_id}: positive = "
+              f"{', '.join(ev.positive)}; truth {ev.n_truth} tokens, "
+              f"{len(ev.not_in_vocab)} not in this vocabulary")
+    out.print(f"  precision {ev.precision:.3f}  recall {ev.recall:.3f}  F1 {ev.f1:.3f}  "
+              f"(true pos {ev.true_pos}, false pos {ev.false_pos}, false neg {ev.false_neg})")
+    if ev.missed:
+        table = Table(title=f"Missed ({len(ev.missed)})")
+        for c in ("id", "token", "verdict", "repeat prob"):
+            table.add_column(c)
+        for t, s, v, p in ev.missed[:show]:
+            table.add_row(str(t), show_token(s), v, "-" if p is None else f"{p:.4f}")
+        out.print(table)
 
 
 def cmd_models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -244,6 +319,7 @@ def build_app() -> typer.Typer:
                       add_completion=False,
                       help="Find glitch tokens in language models; every result goes to SQLite.")
     app.command("scan")(cmd_scan)
+    app.command("evaluate")(cmd_evaluate)
     app.command("models")(cmd_models)
     app.command("plugins")(cmd_plugins)
     app.command("sql")(cmd_sql)

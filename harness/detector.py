@@ -71,6 +71,10 @@ class ScanContext:
     vocab: Vocab
     categories: np.ndarray
     progress: Callable[[int], None] = lambda n: None
+    scope: np.ndarray | None = None  # every token the run covers (None: the whole vocabulary)
+
+    def scope_ids(self) -> np.ndarray:
+        return np.arange(len(self.vocab)) if self.scope is None else self.scope
 
 
 class Detector:
@@ -79,6 +83,9 @@ class Detector:
     Subclasses set ``name``, ``version`` (bump it when results change), ``requires`` (the
     backend capabilities needed), ``suspicious_when`` (``"low"`` or ``"high"`` scores are the
     glitchy end) and ``defaults`` (options and their default values), and implement ``run``.
+    ``behavioural`` detectors run the model on prompts; a scan runs them on its candidates
+    (or, with ``--full``, every token) after the static ones. A detector that ``verifies``
+    gives the final word: its ``glitch`` and ``ok`` decide the scan's verdict of a token.
     """
 
     name: ClassVar[str]
@@ -87,6 +94,8 @@ class Detector:
     requires: ClassVar[frozenset[Capability]] = frozenset()
     suspicious_when: ClassVar[Literal["low", "high"]] = "low"
     defaults: ClassVar[dict[str, Any]] = {}
+    behavioural: ClassVar[bool] = False
+    verifies: ClassVar[bool] = False  # its glitch/ok verdict is final (repeat-probe)
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.defaults)

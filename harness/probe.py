@@ -1,25 +1,100 @@
-"""Probe sets: named prompt templates that behavioural detectors fill with a token."""
+"""Probe sets: named prompt templates that behavioural detectors fill with a token.
+
+A template marks each place the token under test goes with ``{token}`` (as often as the
+prompt needs, n-shot prompts repeat it) and ends with ``{repeat}``, where the model's repeat
+of the token should start. Prompts are built by substituting the token's *id* into the
+encoded template, so the token under test is always exactly one token, as Land & Bartolo do.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-TOKEN_SLOT = "{token}"  # where the token under test goes
-REPEAT_MARK = "{repeat}"  # where the model's repeat of the token is expected to start
+TOKEN_SLOT = "{token}"
+REPEAT_MARK = "{repeat}"
+# Tried in turn as the stand-in that marks the slots; the first that encodes to one token,
+# the same one at every slot, wins.
+_PLACEHOLDERS = ("X", "Z", "Q", "@", "#", "A", "0")
 
 
 @dataclass(frozen=True)
 class ProbeSet:
-    """A named list of prompt templates, each with a ``{token}`` slot and a ``{repeat}``
-    mark at the end of the prompt, where the repeat should begin."""
+    """A named list of prompt templates (see the module docstring), with a label for each
+    template and, optionally, a list of tokens known to be glitchy as ``(id, text)``."""
 
     name: str
     description: str
     templates: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
     known_tokens: tuple[tuple[int, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         for t in self.templates:
-            if TOKEN_SLOT not in t or not t.endswith(REPEAT_MARK):
-                raise ValueError(f"probe set {self.name!r}: template {t!r} needs {TOKEN_SLOT} "
-                                 f"and must end with {REPEAT_MARK}")
+            if TOKEN_SLOT not in t or not t.endswith(REPEAT_MARK) or t.count(REPEAT_MARK) != 1:
+                raise ValueError(f"probe set {self.name!r}: template {t[:60]!r}... needs "
+                                 f"{TOKEN_SLOT} and must end with {REPEAT_MARK}")
+        if not self.labels:
+            object.__setattr__(self, "labels",
+                               tuple(f"t{i}" for i in range(len(self.templates))))
+        if len(self.labels) != len(self.templates):
+            raise ValueError(f"probe set {self.name!r}: {len(self.labels)} labels for "
+                             f"{len(self.templates)} templates")
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """One template encoded once: ``prefix`` (shared by every token, cacheable) and ``tail``
+    with the token's id to be written at ``slots``."""
+
+    label: str
+    prefix: tuple[int, ...]
+    tail: tuple[int, ...]
+    slots: tuple[int, ...]
+    text: str
+
+    def tail_for(self, token_id: int) -> list[int]:
+        ids = list(self.tail)
+        for s in self.slots:
+            ids[s] = token_id
+        return ids
+
+    def full_ids(self, token_id: int) -> list[int]:
+        return list(self.prefix) + self.tail_for(token_id)
+
+    def token_text(self, token_text: str) -> str:
+        """The prompt as text with the token spelled out (for black-box backends)."""
+        return self.text.replace(TOKEN_SLOT, token_text)
+
+
+def plan_prompt(template: str, label: str,
+                encode: Callable[[str], list[int]]) -> PromptPlan:
+    """Encode ``template`` once with a placeholder token at every slot.
+
+    Falls back to encoding the pieces between slots separately when no placeholder stays a
+    single token everywhere (tokenizers that merge it with its neighbours).
+    """
+    body = template[: -len(REPEAT_MARK)]
+    n_slots = body.count(TOKEN_SLOT)
+    for ph in _PLACEHOLDERS:
+        ph_ids = encode(ph)
+        if len(ph_ids) != 1 or ph in body.replace(TOKEN_SLOT, ""):
+            continue
+        ids = encode(body.replace(TOKEN_SLOT, ph))
+        slots = [i for i, t in enumerate(ids) if t == ph_ids[0]]
+        if len(slots) == n_slots:
+            return _split(label, ids, slots, body)
+    pieces = body.split(TOKEN_SLOT)
+    ids, slots = [], []
+    for k, piece in enumerate(pieces):
+        ids.extend(encode(piece) if piece else [])
+        if k < len(pieces) - 1:
+            slots.append(len(ids))
+            ids.append(-1)
+    return _split(label, ids, slots, body)
+
+
+def _split(label: str, ids: Sequence[int], slots: Sequence[int], body: str) -> PromptPlan:
+    first = slots[0]
+    return PromptPlan(label=label, prefix=tuple(ids[:first]), tail=tuple(ids[first:]),
+                      slots=tuple(s - first for s in slots), text=body)

@@ -28,7 +28,13 @@ from harness.refs import ResolvedRef, resolve
 from harness.schema import Model, Run
 from harness.vocab import Vocab, analyze
 
-DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine")
+DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-probe",
+                     "repeated-sequence")
+DEFAULT_STATIC = ("embedding-centroid", "unembedding-cosine")
+DEFAULT_CANDIDATES = 0.02  # per static indicator, as a fraction of the vocabulary
+VERDICT = "verdict"  # the pseudo-detector whose run holds the final verdict of every token
+VERDICT_VERSION = "1"
+FLAGGED = ("glitch", "suspect")
 
 
 class Reporter:
@@ -59,6 +65,8 @@ class ScanResult:
     vocab_size: int
     load_s: float
     outcomes: list[DetectorOutcome] = field(default_factory=list)
+    candidates: int | None = None  # how many tokens the behavioural detectors examined
+    verdict: DetectorOutcome | None = None
 
 
 def now() -> datetime:
@@ -136,10 +144,19 @@ def _insert_findings(engine: Engine, run_id: int, batch: list[Finding] | Finding
             "VALUES (?, ?, ?, ?, ?)", rows)
 
 
+def scope_key(scope: np.ndarray | None) -> str:
+    if scope is None:
+        return "all"
+    digest = hashlib.sha256(np.asarray(scope, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return f"{len(scope)} tokens:{digest}"
+
+
 def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanContext,
                  reporter: Reporter, fresh: bool = False) -> DetectorOutcome:
-    """Run one detector on every token of the model, reusing or resuming a matching run."""
-    n = len(ctx.vocab)
+    """Run one detector on the tokens of ``ctx.scope`` (default: all), reusing a finished
+    run with the same model, detector version, options and scope, or resuming one."""
+    scope = ctx.scope_ids()
+    n = len(scope)
     missing = detector.missing_capabilities(ctx.backend)
     base = {"model_id": model_id, "detector": detector.name,
             "detector_version": detector.version, "harness_version": __version__,
@@ -156,7 +173,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
         return DetectorOutcome(detector.name, run_id, "skipped", reason)
 
     t0 = time.perf_counter()
-    resolved = detector.prepare(ctx)
+    resolved = {**detector.prepare(ctx), "scope": scope_key(ctx.scope)}
     key = options_key(resolved)
     with engine.begin() as conn:
         prior = conn.execute(
@@ -171,13 +188,13 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
         with engine.connect() as conn:
             done_ids = [t for (t,) in conn.exec_driver_sql(
                 "SELECT token_id FROM findings WHERE run_id = ?", (run_id,)).fetchall()]
-        todo = np.setdiff1d(np.arange(n), np.asarray(done_ids, dtype=np.int64))
+        todo = np.setdiff1d(scope, np.asarray(done_ids, dtype=np.int64))
     else:
         with engine.begin() as conn:
             run_id = conn.execute(Run.__table__.insert().values(
                 **base, options_json=json.dumps(resolved, default=str), options_key=key,
                 status="running", started_utc=now())).inserted_primary_key[0]
-        status, todo = "done", np.arange(n)
+        status, todo = "done", np.sort(scope)
 
     advance = reporter.start(detector.name, n)
     advance(n - len(todo))
@@ -201,7 +218,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
         stored = conn.execute(text("SELECT count(*) FROM findings WHERE run_id = :r"),
                               {"r": run_id}).scalar_one()
     if stored != n:
-        reason = f"detector returned findings for {stored} of {n} tokens"
+        reason = f"detector returned findings for {stored} of {n} tokens in its scope"
         _finish(engine, run_id, "failed", reason, time.perf_counter() - t0)
         return DetectorOutcome(detector.name, run_id, "failed", reason)
     wall = time.perf_counter() - t0
@@ -215,14 +232,113 @@ def _finish(engine: Engine, run_id: int, status: str, reason: str | None, wall: 
             status=status, status_reason=reason, finished_utc=now(), wall_s=wall))
 
 
+def select_candidates(engine: Engine, run_ids: Sequence[int], n_vocab: int,
+                      candidates: float) -> np.ndarray:
+    """The union, over the static runs, of the ``candidates`` most suspicious tokens by score
+    and of the flagged tokens (most suspicious first, as many). ``candidates`` below 1 is a
+    fraction of the vocabulary."""
+    k = int(round(candidates * n_vocab)) if candidates < 1 else int(candidates)
+    picked: set[int] = set()
+    with engine.connect() as conn:
+        for run_id in run_ids:
+            low = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
+                               {"r": run_id}).scalar_one() == "low"
+            order = "score ASC" if low else "score DESC"
+            for where in ("score IS NOT NULL", "verdict IN ('glitch', 'suspect')"):
+                picked.update(t for (t,) in conn.exec_driver_sql(
+                    f"SELECT token_id FROM findings WHERE run_id = ? AND {where} "
+                    f"ORDER BY {order} NULLS LAST, token_id LIMIT ?", (run_id, k)))
+    return np.array(sorted(picked), dtype=np.int64)
+
+
+def record_verdicts(engine: Engine, model_id: int, n_vocab: int,
+                    runs: dict[str, tuple[int, Detector]], fresh: bool = False
+                    ) -> DetectorOutcome:
+    """One final verdict per token, from the scan's runs, stored as a run of its own.
+
+    ``glitch`` when a verifying detector (repeat-probe) says so; ``error`` when it failed on
+    the token; ``ok`` when it verified the token and no other behavioural detector flagged
+    it; else ``suspect`` when any run flagged the token; else ``ok``. The score is the
+    verifying detector's score (the repeat probability) where it examined the token.
+    """
+    t0 = time.perf_counter()
+    opts = {"runs": {name: rid for name, (rid, _) in sorted(runs.items())}, "rule": "v1"}
+    key = options_key(opts)
+    base = {"model_id": model_id, "detector": VERDICT, "detector_version": VERDICT_VERSION,
+            "harness_version": __version__, "suspicious_when": "low"}
+    with engine.begin() as conn:
+        prior = conn.execute(select(Run.id).where(
+            Run.model_id == model_id, Run.detector == VERDICT, Run.options_key == key,
+            Run.detector_version == VERDICT_VERSION, Run.status == "done")).first()
+        if prior is not None and not fresh:
+            return DetectorOutcome(VERDICT, prior.id, "reused")
+        run_id = conn.execute(Run.__table__.insert().values(
+            **base, options_json=json.dumps(opts), options_key=key, status="running",
+            started_utc=now())).inserted_primary_key[0]
+    verdict = np.full(n_vocab, "ok", dtype=object)
+    score = np.full(n_vocab, np.nan)
+    flagged_by: list[list[str]] = [[] for _ in range(n_vocab)]
+    flagged = np.zeros(n_vocab, dtype=bool)
+    behaviour_flag = np.zeros(n_vocab, dtype=bool)
+    checked = np.zeros(n_vocab, dtype=bool)
+    glitch = np.zeros(n_vocab, dtype=bool)
+    error = np.zeros(n_vocab, dtype=bool)
+    with engine.connect() as conn:
+        for name, (rid, det) in runs.items():
+            rows = conn.exec_driver_sql(
+                "SELECT token_id, verdict, score FROM findings WHERE run_id = ?",
+                (rid,)).fetchall()
+            if not rows:
+                continue
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            verd = np.array([r[1] for r in rows], dtype=object)
+            hit = np.isin(verd, FLAGGED)
+            flagged[ids[hit]] = True
+            for t in ids[hit].tolist():
+                flagged_by[t].append(name)
+            if det.verifies:
+                glitch[ids[verd == "glitch"]] = True
+                error[ids[verd == "error"]] = True
+                checked[ids[verd == "ok"]] = True
+                score[ids] = np.array([np.nan if r[2] is None else r[2] for r in rows])
+            elif det.behavioural:
+                behaviour_flag[ids[hit]] = True
+    verdict[flagged] = "suspect"
+    verdict[checked & ~behaviour_flag] = "ok"
+    verdict[error] = "error"
+    verdict[glitch] = "glitch"
+    evidence = [json.dumps({"flagged_by": f}) for f in flagged_by]
+    rows = [(run_id, t, None if not np.isfinite(score[t]) else float(score[t]), verdict[t],
+             evidence[t]) for t in range(n_vocab)]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT OR IGNORE INTO findings (run_id, token_id, score, verdict, evidence_json) "
+            "VALUES (?, ?, ?, ?, ?)", rows)
+    wall = time.perf_counter() - t0
+    _finish(engine, run_id, "done", None, wall)
+    return DetectorOutcome(VERDICT, run_id, "done", None, wall, n_vocab)
+
+
 def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTORS,
          backend: str | None = None, backend_options: dict[str, Any] | None = None,
          detector_options: dict[str, dict[str, Any]] | None = None, fresh: bool = False,
-         reporter: Reporter | None = None) -> ScanResult:
-    """Scan ``model`` with ``detectors`` and store everything in ``engine``'s database."""
+         reporter: Reporter | None = None, full: bool = False,
+         candidates: float = DEFAULT_CANDIDATES,
+         tokens: Sequence[int] | None = None) -> ScanResult:
+    """Scan ``model`` and store everything in ``engine``'s database.
+
+    The static detectors run on the whole vocabulary; the behavioural ones on the candidates
+    the static runs point at (``full``: every token; ``tokens``: exactly these), and a final
+    verdict per token is stored as a run of the pseudo-detector ``verdict``.
+    """
     reporter = reporter or Reporter()
     reg = registry()
-    dets = make_detectors(list(detectors), reg, detector_options or {})
+    names = list(detectors)
+    dets = make_detectors(names, reg, detector_options or {})
+    if (any(d.behavioural for d in dets) and not full and tokens is None
+            and not any(not d.behavioural for d in dets)):
+        # behavioural detectors need candidates: the default static detectors pick them
+        dets = make_detectors(list(DEFAULT_STATIC), reg, {}) + dets
     ref = resolve(model, reg, backend)
     t0 = time.perf_counter()
     with reporter.status(f"loading {ref.alias or ref.ref}"):
@@ -232,9 +348,34 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
         vocab = be.vocab()
         model_id, cats, key = store_model(engine, ref, be, vocab, reporter)
         result = ScanResult(model_id, ref, key, len(vocab), load_s)
+        done: dict[str, tuple[int, Detector]] = {}
+
+        def run(det: Detector, scope: np.ndarray | None) -> None:
+            ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope)
+            outcome = run_detector(engine, model_id, det, ctx, reporter, fresh)
+            result.outcomes.append(outcome)
+            if outcome.status in ("done", "reused", "resumed"):
+                done[det.name] = (outcome.run_id, det)
+
         for det in dets:
-            ctx = ScanContext(backend=be, vocab=vocab, categories=cats)
-            result.outcomes.append(run_detector(engine, model_id, det, ctx, reporter, fresh))
+            if not det.behavioural:
+                run(det, None)
+        behavioural = [d for d in dets if d.behavioural]
+        if behavioural:
+            scope = None
+            if tokens is not None:
+                bad = [t for t in tokens if not 0 <= t < len(vocab)]
+                if bad:
+                    raise HarnessError(f"token ids {bad[:5]} are outside 0..{len(vocab) - 1}")
+                scope = np.unique(np.asarray(tokens, dtype=np.int64))
+            elif not full:
+                scope = select_candidates(engine, [rid for rid, _ in done.values()],
+                                          len(vocab), candidates)
+            result.candidates = len(vocab) if scope is None else len(scope)
+            for det in behavioural:
+                run(det, scope)
+            if any(d.behavioural for _, d in done.values()):
+                result.verdict = record_verdicts(engine, model_id, len(vocab), done, fresh)
         return result
     finally:
         be.close()

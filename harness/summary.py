@@ -18,11 +18,16 @@ class RankedToken:
     suspicion: float  # mean percentile toward the glitchy end, 1.0 = most suspicious
     scores: dict[str, float | None]
     verdicts: dict[str, str]
+    final: str | None = None  # the scan's final verdict, where one is stored
 
 
-def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25
-               ) -> list[RankedToken]:
-    """Tokens ranked by how many detectors flag them, then by mean suspicion percentile."""
+SEVERITY = {"glitch": 3, "suspect": 2, "error": 1}
+
+
+def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25,
+               final_run: int | None = None) -> list[RankedToken]:
+    """Tokens ranked by final verdict (when ``final_run`` is given), then by how many
+    detectors flag them, then by mean suspicion percentile."""
     if not run_ids:
         return []
     with engine.connect() as conn:
@@ -51,12 +56,20 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
             suspicion += 1.0 - rank / max(size - 1, 1)
             flagged += np.isin(v, ("glitch", "suspect"))
             scores[det], verdicts[det] = s, v
+        final = np.full(size, "", dtype=object)
+        if final_run is not None:
+            rows = conn.exec_driver_sql("SELECT token_id, verdict FROM findings "
+                                        "WHERE run_id = ?", (final_run,)).fetchall()
+            for t, v in rows:
+                final[t] = v
     suspicion /= len(run_ids)
-    order = np.lexsort((-suspicion, -flagged))[:n]
+    severity = np.array([SEVERITY.get(v, 0) for v in final])
+    order = np.lexsort((-suspicion, -flagged, -severity))[:n]
     return [RankedToken(int(i), tokens[i][1], tokens[i][2], int(flagged[i]), float(suspicion[i]),
                         {d: (None if np.isnan(scores[d][i]) else float(scores[d][i]))
                          for d in run_ids},
-                        {d: str(verdicts[d][i]) for d in run_ids})
+                        {d: str(verdicts[d][i]) for d in run_ids},
+                        str(final[i]) or None)
             for i in order]
 
 

@@ -76,7 +76,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     assert len(tok) == TINY_VOCAB, len(tok)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=TINY_ROWS, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=TINY_ROWS, n_positions=512, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():

@@ -24,8 +24,17 @@ def test_scan_stores_model_tokens_runs_findings(cli, tiny_model_dir, harness_hom
     db = harness_home / "results.db"
     assert rows(db, "SELECT count(*) FROM tokens") == [(TINY_ROWS,)]
     assert rows(db, "SELECT detector, status FROM runs ORDER BY id") == [
-        ("embedding-centroid", "done"), ("unembedding-cosine", "done")]
-    assert rows(db, "SELECT count(*) FROM findings GROUP BY run_id") == [(TINY_ROWS,)] * 2
+        ("embedding-centroid", "done"), ("unembedding-cosine", "done"),
+        ("repeat-probe", "done"), ("repeated-sequence", "done"), ("verdict", "done")]
+    counts = rows(db, "SELECT count(*) FROM findings GROUP BY run_id ORDER BY run_id")
+    # static detectors and the verdict cover every token, the behavioural ones the candidates
+    n_cand = counts[2][0]
+    assert counts == [(TINY_ROWS,), (TINY_ROWS,), (n_cand,), (n_cand,), (TINY_ROWS,)]
+    assert len(PLANTED) <= n_cand < TINY_ROWS // 4
+    assert f"behavioural detectors ran on {n_cand} tokens" in out
+    probed = {t for (t,) in rows(db, "SELECT token_id FROM findings WHERE run_id = 3")}
+    assert probed >= set(PLANTED)
+    assert rows(db, "SELECT count(*) FROM final_verdicts") == [(TINY_ROWS,)]
     flagged = rows(db, "SELECT token_id FROM latest_findings WHERE detector = "
                    "'embedding-centroid' AND verdict = 'suspect'")
     assert {t for (t,) in flagged} >= set(PLANTED)
@@ -52,15 +61,15 @@ def test_unembedding_cosine_with_given_reference_finds_the_rest(cli, tiny_model_
 def test_second_scan_reuses_runs_and_fresh_reruns(cli, tiny_model_dir, harness_home):
     assert cli("scan", str(tiny_model_dir))[0] == 0
     code, out, _ = cli("scan", str(tiny_model_dir))
-    assert out.count("stored run reused") == 2
+    assert out.count("stored run reused") == 5
     db = harness_home / "results.db"
-    assert rows(db, "SELECT count(*) FROM runs") == [(2,)]
+    assert rows(db, "SELECT count(*) FROM runs") == [(5,)]
     assert rows(db, "SELECT count(*) FROM models") == [(1,)]
     cli("scan", str(tiny_model_dir), "--fresh")
-    assert rows(db, "SELECT count(*) FROM runs") == [(4,)]
+    assert rows(db, "SELECT count(*) FROM runs") == [(10,)]
     # changed options make a new run, the old one stays
     cli("scan", str(tiny_model_dir), "-d", "embedding-centroid", "-o", "embedding-centroid.z=2")
-    assert rows(db, "SELECT count(*) FROM runs") == [(5,)]
+    assert rows(db, "SELECT count(*) FROM runs") == [(11,)]
 
 
 def test_interrupted_run_resumes_without_repeating_batches(tiny_model_dir, harness_home,

@@ -1,0 +1,133 @@
+"""Score a model's stored final verdicts against a list of known glitch tokens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from harness.errors import HarnessError
+from harness.plugins import Registry
+
+
+@dataclass
+class Evaluation:
+    """Precision, recall and F1 of the final verdicts; ``missed`` are the truth tokens the
+    scan did not call positive, as (token id, text, verdict, repeat probability)."""
+
+    model: str
+    run_id: int
+    positive: tuple[str, ...]
+    n_truth: int
+    not_in_vocab: list[str]
+    true_pos: int
+    false_pos: int
+    false_neg: int
+    missed: list[tuple[int, str, str, float | None]] = field(default_factory=list)
+
+    @property
+    def precision(self) -> float:
+        called = self.true_pos + self.false_pos
+        return self.true_pos / called if called else 0.0
+
+    @property
+    def recall(self) -> float:
+        real = self.true_pos + self.false_neg
+        return self.true_pos / real if real else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "run_id": self.run_id, "positive": list(self.positive),
+                "truth": self.n_truth, "not_in_vocab": self.not_in_vocab,
+                "true_positives": self.true_pos, "false_positives": self.false_pos,
+                "false_negatives": self.false_neg, "precision": self.precision,
+                "recall": self.recall, "f1": self.f1,
+                "missed": [{"token_id": t, "text": s, "verdict": v, "repeat_prob": p}
+                           for t, s, v, p in self.missed]}
+
+
+def load_truth(spec: str, reg: Registry) -> list[tuple[int | None, str | None]]:
+    """``spec`` is a probe set with a known-token list, or a file of token ids or strings,
+    one a line (a line in double quotes is read as a JSON string, for leading spaces)."""
+    if spec in reg.probes:
+        known = reg.probes[spec][0].known_tokens
+        if not known:
+            raise HarnessError(f"probe set {spec!r} has no list of known tokens")
+        return [(i, s) for i, s in known]
+    path = Path(spec)
+    if not path.is_file():
+        with_lists = sorted(n for n, (p, _) in reg.probes.items() if p.known_tokens)
+        raise HarnessError(f"--truth {spec!r} is neither a file nor a probe set with known "
+                           f"tokens ({', '.join(with_lists) or 'none registered'})")
+    items: list[tuple[int | None, str | None]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line.strip().lstrip("-").isdigit():
+            items.append((int(line.strip()), None))
+        elif line.startswith('"'):
+            try:
+                items.append((None, json.loads(line)))
+            except json.JSONDecodeError:
+                raise HarnessError(f"{path}:{n}: not a valid JSON string: {line!r}") from None
+        else:
+            items.append((None, line))
+    if not items:
+        raise HarnessError(f"{path} lists no tokens")
+    return items
+
+
+def find_model(engine: Engine, model: str) -> tuple[int, str]:
+    """The stored model called ``model`` (alias, ref or fingerprint) with the latest scan."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT m.id, coalesce(m.alias, m.ref) FROM models m "
+            "LEFT JOIN runs r ON r.model_id = m.id "
+            "WHERE m.alias = :m OR m.ref = :m OR m.fingerprint = :m "
+            "GROUP BY m.id ORDER BY max(r.id) DESC LIMIT 1"), {"m": model}).first()
+    if row is None:
+        raise HarnessError(f"no stored scan of {model!r} in this database: "
+                           f"run `harness scan {model}` first")
+    return int(row[0]), str(row[1])
+
+
+def evaluate(engine: Engine, model: str, truth: list[tuple[int | None, str | None]],
+             positive: tuple[str, ...] = ("glitch",)) -> Evaluation:
+    model_id, name = find_model(engine, model)
+    with engine.connect() as conn:
+        run_id = conn.execute(text(
+            "SELECT max(id) FROM runs WHERE model_id = :m AND detector = 'verdict' "
+            "AND status = 'done'"), {"m": model_id}).scalar()
+        if run_id is None:
+            raise HarnessError(f"{name!r} has no final verdicts yet: run `harness scan "
+                               f"{model}` with a behavioural detector (the default does)")
+        rows = conn.exec_driver_sql(
+            "SELECT f.token_id, t.text, f.verdict, f.score FROM findings f "
+            "JOIN tokens t ON t.model_id = ? AND t.token_id = f.token_id "
+            "WHERE f.run_id = ?", (model_id, run_id)).fetchall()
+    by_id = {r[0]: r for r in rows}
+    by_text: dict[str, int] = {}
+    for r in rows:
+        by_text.setdefault(r[1], r[0])
+    wanted: set[int] = set()
+    absent: list[str] = []
+    for tid, s in truth:
+        if tid is not None and tid in by_id and (s is None or by_id[tid][1] == s):
+            wanted.add(tid)
+        elif s is not None and s in by_text:
+            wanted.add(by_text[s])
+        else:
+            absent.append(repr(s) if s is not None else str(tid))
+    called = {r[0] for r in rows if r[2] in positive}
+    missed = sorted((by_id[t] for t in wanted - called), key=lambda r: r[0])
+    return Evaluation(model=name, run_id=int(run_id), positive=positive, n_truth=len(truth),
+                      not_in_vocab=absent, true_pos=len(wanted & called),
+                      false_pos=len(called - wanted), false_neg=len(wanted - called),
+                      missed=[(r[0], r[1], r[2], r[3]) for r in missed])
