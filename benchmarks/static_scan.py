@@ -32,7 +32,8 @@ HARNESS = str(Path(sys.executable).parent / "harness")
 
 def timed_scan(model: str, cache: Path, home: Path) -> dict:
     env = {**os.environ, "HARNESS_CACHE": str(cache), "HARNESS_HOME": str(home)}
-    proc = subprocess.run(["/usr/bin/time", "-v", HARNESS, "scan", model, "--top", "5"],
+    proc = subprocess.run(["/usr/bin/time", "-v", HARNESS, "scan", model, "--top", "5",
+                           "-d", "embedding-centroid,unembedding-cosine"],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"scan failed: {proc.stderr[-2000:]}")

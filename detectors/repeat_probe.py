@@ -26,7 +26,6 @@ from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
 from harness.probe import PromptPlan, plan_prompt
 
-BATCH = 256  # tokens per committed batch
 _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")
 
 
@@ -60,17 +59,20 @@ class RepeatProbe(Detector):
     behavioural = True
     verifies = True
     defaults = {"probes": "verify-3", "threshold": 0.01, "steps": 3, "mode": "auto",
-                "order": "cost", "max_new_tokens": 12}
+                "order": "cost", "max_new_tokens": 12, "batch": 256}
 
-    def prepare(self, ctx: ScanContext) -> dict:
+    def __init__(self, **options) -> None:
         from harness.plugins import registry
 
-        opts = dict(self.options)
+        super().__init__(**options)
         probes = registry().probes
-        if opts["probes"] not in probes:
-            raise HarnessError(f"unknown probe set {opts['probes']!r} "
+        if self.options["probes"] not in probes:
+            raise HarnessError(f"unknown probe set {self.options['probes']!r} "
                                f"(known: {', '.join(sorted(probes))})")
-        self.probe_set = probes[opts["probes"]][0]
+        self.probe_set = probes[self.options["probes"]][0]
+
+    def prepare(self, ctx: ScanContext) -> dict:
+        opts = dict(self.options)
         if opts["mode"] == "auto":
             opts["mode"] = ("logprob" if Capability.SCORE in ctx.backend.capabilities
                             else "text")
@@ -104,8 +106,9 @@ class RepeatProbe(Detector):
         return opts
 
     def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
-        for start in range(0, len(token_ids), BATCH):
-            batch = [int(t) for t in token_ids[start: start + BATCH]]
+        size = max(1, int(self.options["batch"]))
+        for start in range(0, len(token_ids), size):
+            batch = [int(t) for t in token_ids[start: start + size]]
             if self.mode == "logprob":
                 yield self._logprob_batch(ctx, batch)
             else:
@@ -139,7 +142,8 @@ class RepeatProbe(Detector):
                     still.append(t)
             todo = still
         first = self.plans[0]
-        prompts = [first.full_ids(t)[len(be.bos_ids()):] for t in batch]
+        n_bos = len(be.bos_ids())
+        prompts = [first.full_ids(t)[n_bos:] for t in batch]
         again = be.encode_batch(be.decode_batch(prompts))
         reencodes = {t: list(a) == p for t, a, p in zip(batch, again, prompts, strict=True)}
         keys = [(t, lab) for t in batch for lab in greedy[t]]

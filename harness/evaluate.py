@@ -85,13 +85,25 @@ def load_truth(spec: str, reg: Registry) -> list[tuple[int | None, str | None]]:
 
 
 def find_model(engine: Engine, model: str) -> tuple[int, str]:
-    """The stored model called ``model`` (alias, ref or fingerprint) with the latest scan."""
-    with engine.connect() as conn:
-        row = conn.execute(text(
-            "SELECT m.id, coalesce(m.alias, m.ref) FROM models m "
-            "LEFT JOIN runs r ON r.model_id = m.id "
-            "WHERE m.alias = :m OR m.ref = :m OR m.fingerprint = :m "
-            "GROUP BY m.id ORDER BY max(r.id) DESC LIMIT 1"), {"m": model}).first()
+    """The stored model called ``model`` (alias, reference as `harness scan` takes it, or
+    fingerprint) with the latest scan."""
+    from harness.plugins import registry
+    from harness.refs import resolve
+
+    def lookup(name: str):
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT m.id, coalesce(m.alias, m.ref) FROM models m "
+                "LEFT JOIN runs r ON r.model_id = m.id "
+                "WHERE m.alias = :m OR m.ref = :m OR m.fingerprint = :m "
+                "GROUP BY m.id ORDER BY max(r.id) DESC LIMIT 1"), {"m": name}).first()
+
+    row = lookup(model)
+    if row is None:
+        try:
+            row = lookup(resolve(model, registry()).ref)
+        except HarnessError:
+            row = None
     if row is None:
         raise HarnessError(f"no stored scan of {model!r} in this database: "
                            f"run `harness scan {model}` first")

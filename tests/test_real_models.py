@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from harness.db import open_db
-from harness.runner import scan
+from harness.runner import DEFAULT_STATIC, scan
 
 pytestmark = pytest.mark.real_model
 
@@ -28,9 +28,12 @@ def query(db, sql, *params):
 
 @pytest.fixture(scope="module")
 def smollm2_db(tmp_path_factory):
+    """The whole pipeline, with 20 candidates per static detector to keep it short."""
     db = tmp_path_factory.mktemp("smollm2") / "results.db"
-    result = scan("smollm2", open_db(f"sqlite:///{db}"))
-    assert [o.status for o in result.outcomes] == ["done", "done"]
+    result = scan("smollm2", open_db(f"sqlite:///{db}"), candidates=20)
+    assert [o.status for o in result.outcomes] == ["done"] * 4
+    assert result.verdict is not None and result.verdict.status == "done"
+    assert len(SMOLLM2_DUPLICATES) < result.candidates <= 80
     return db
 
 
@@ -98,7 +101,7 @@ def gemma_db(tmp_path_factory):
     ref = resolve("gemma3-270m", registry())
     assert ref.target.endswith("gemma-3-270m-q4_k_m.gguf")
     unused = [6 + i for i in range(100)]  # <unused0> .. <unused99>
-    result = scan("gemma3-270m", engine, detector_options={
+    result = scan("gemma3-270m", engine, list(DEFAULT_STATIC), detector_options={
         "unembedding-cosine": {"reference": ",".join(map(str, unused))}})
     assert [o.status for o in result.outcomes] == ["done", "done"]
     return db
@@ -127,3 +130,65 @@ def test_gemma_unused_tokens_are_never_trained(gemma_db):
     pct = dist.argsort().argsort() / len(dist)
     unused_pct = pct[np.isin(ids, held_out)]
     assert np.mean(unused_pct < 0.05) > 0.7
+
+
+def test_smollm2_scan_ends_with_verified_verdicts(smollm2_db, cli, tmp_path):
+    final = dict(query(smollm2_db, "SELECT token_id, verdict FROM final_verdicts"))
+    assert len(final) == 49152
+    glitch = {t for t, v in final.items() if v == "glitch"}
+    # every collapsed row is a candidate, and the model cannot repeat any of them
+    assert glitch >= SMOLLM2_DUPLICATES
+    probe = dict(query(smollm2_db, "SELECT token_id, verdict FROM latest_findings "
+                       "WHERE detector = 'repeat-probe'"))
+    assert glitch == {t for t, v in probe.items() if v == "glitch"}
+    assert final[260] == "ok"  # ' the': not a candidate, flagged by nothing
+    truth = tmp_path / "truth.txt"
+    truth.write_text("# SmolLM2's collapsed rows\n"
+                     + "\n".join(map(str, sorted(SMOLLM2_DUPLICATES))) + "\n")
+    code, out, err = cli("evaluate", "smollm2", "--truth", str(truth), "--db", str(smollm2_db),
+                         "--json")
+    assert code == 0, err
+    import json
+
+    ev = json.loads(out)
+    assert ev["true_positives"] == len(SMOLLM2_DUPLICATES) and ev["recall"] == 1.0
+    assert ev["false_positives"] == len(glitch - SMOLLM2_DUPLICATES)
+    assert ev["precision"] == pytest.approx(len(SMOLLM2_DUPLICATES) / len(glitch))
+
+
+def test_smollm2_repeats_a_healthy_token_and_not_a_collapsed_one(smollm2):
+    from detectors.repeat_probe import RepeatProbe
+    from harness.detector import ScanContext
+
+    ctx = ScanContext(backend=smollm2, vocab=smollm2.vocab(), categories=np.array([]))
+    the = smollm2.encode(" the")
+    assert the == [260]
+    det = RepeatProbe()
+    det.prepare(ctx)
+    (findings,) = det.run(ctx, np.array([260, 36743, 5]))
+    got = {f.token_id: f for f in findings}
+    assert got[260].verdict == "ok" and got[260].score > 0.3
+    assert got[36743].verdict == "glitch" and got[36743].score < 0.001
+    assert got[5].verdict == "glitch"
+    # a glitch token ran through every prompt; each is recorded with its greedy completion
+    assert set(got[36743].evidence["p"]) == {"assistant-explain", "repeats", "input-output"}
+    assert set(got[36743].evidence["completion"]) == set(got[36743].evidence["p"])
+    assert got[260].evidence["reencodes"] is True
+
+
+def test_smollm2_copies_ordinary_tokens_in_the_second_copy(smollm2):
+    from detectors.repeated_sequence import RepeatedSequence
+    from harness.detector import ScanContext
+
+    ordinary = np.arange(1000, 1250)  # common BPE merges
+    ctx = ScanContext(backend=smollm2, vocab=smollm2.vocab(), categories=np.array([]),
+                      scope=ordinary)
+    det = RepeatedSequence()
+    det.prepare(ctx)
+    (found,) = det.run(ctx, ordinary)
+    first, second = found.evidence["first"], found.evidence["second"]
+    # seed 001 saw about -7 for the first copy and -1 for the second on GPT-2 small
+    assert np.median(first) < -6 and np.median(second) > -2.5, (np.median(first),
+                                                                 np.median(second))
+    assert np.mean(second > first + 3) > 0.9
+    assert np.mean(found.verdicts == "ok") > 0.95
