@@ -393,13 +393,26 @@ class HFBackend(Backend):
             for k in range(0, len(idx), size):
                 chunk = idx[k: k + size]
                 try:
-                    self._probe_chunk(prefix, [requests[i] for i in chunk],
+                    self._probe_split(prefix, [requests[i] for i in chunk],
                                       [results[i] for i in chunk])
                 except Exception as exc:
                     for i in chunk:
                         results[i] = ProbeResult(error=f"{type(exc).__name__}: "
                                                        f"{_first_line(exc)}")
         return results
+
+    def _probe_split(self, prefix: tuple[int, ...], reqs: list[ProbeRequest],
+                     out: list[ProbeResult]) -> None:
+        """Run a chunk; on a GPU out of memory, run its halves instead."""
+        try:
+            self._probe_chunk(prefix, reqs, out)
+        except self.torch.cuda.OutOfMemoryError:
+            if len(reqs) == 1:
+                raise
+            self.torch.cuda.empty_cache()
+            half = len(reqs) // 2
+            self._probe_split(prefix, reqs[:half], out[:half])
+            self._probe_split(prefix, reqs[half:], out[half:])
 
     def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
         if prefix in self._prefix_caches:
