@@ -369,8 +369,12 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
                     raise HarnessError(f"token ids {bad[:5]} are outside 0..{len(vocab) - 1}")
                 scope = np.unique(np.asarray(tokens, dtype=np.int64))
             elif not full:
-                scope = select_candidates(engine, [rid for rid, _ in done.values()],
-                                          len(vocab), candidates)
+                static_runs = [rid for rid, d in done.values() if not d.behavioural]
+                if not static_runs:
+                    raise HarnessError(
+                        f"no static detector could run on backend {be.name!r} to pick "
+                        "candidates: name tokens with --tokens, or probe all with --full")
+                scope = select_candidates(engine, static_runs, len(vocab), candidates)
             result.candidates = len(vocab) if scope is None else len(scope)
             for det in behavioural:
                 run(det, scope)

@@ -247,3 +247,33 @@ def test_scan_context_scope_defaults_to_the_vocabulary(tiny):
     vocab = tiny.vocab()
     ctx = ScanContext(backend=tiny, vocab=vocab, categories=np.array([]))
     assert len(ctx.scope_ids()) == len(vocab)
+
+
+@pytest.fixture
+def generate_only():
+    from harness import plugins
+    from tests.plugins import generate_only
+
+    plugins.register_plugin(generate_only, name="generate-only-plugin")
+    yield
+    plugins.unregister_plugin(generate_only)
+
+
+def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, harness_home,
+                                              generate_only):
+    # no embeddings, so no static detector can pick candidates: one clear line
+    code, _, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only")
+    assert code == 2 and "--tokens" in err and err.strip().count("\n") == 0, err
+    code, out, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only",
+                         "--tokens", "5,20,290")
+    assert code == 0, err
+    db = harness_home / "results.db"
+    runs = dict(rows(db, "SELECT detector, status FROM runs ORDER BY id"))
+    assert runs == {"embedding-centroid": "skipped", "unembedding-cosine": "skipped",
+                    "repeat-probe": "done", "repeated-sequence": "skipped", "verdict": "done"}
+    (opts,) = rows(db, "SELECT options_json FROM runs WHERE detector = 'repeat-probe'")[0]
+    assert json.loads(opts)["mode"] == "text"
+    found = rows(db, "SELECT token_id, verdict, evidence_json FROM latest_findings "
+                     "WHERE detector = 'repeat-probe'")
+    assert [t for t, *_ in found] == [5, 20, 290]
+    assert all(json.loads(e)["completion"] for *_, e in found)
