@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -114,33 +115,59 @@ class RepeatProbe(Detector):
             else:
                 yield self._text_batch(ctx, batch)
 
+    def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int]], list],
+                 repeated: Callable[[int, PromptPlan, Any], bool]
+                 ) -> tuple[dict[int, str], dict[int, str]]:
+        """Run the prompts in order on the tokens not yet decided; ``ask`` answers a prompt
+        for some tokens (results with ``error``), ``repeated`` records an answer and says
+        whether it shows the model repeating the token. Returns the deciding prompt per
+        decided token and the last error per token that had one."""
+        decided: dict[int, str] = {}
+        errors: dict[int, str] = {}
+        todo = list(batch)
+        for plan in self.plans:
+            if not todo:
+                break
+            still = []
+            for t, res in zip(todo, ask(plan, todo), strict=True):
+                if res.error:
+                    errors[t] = res.error
+                    still.append(t)
+                elif repeated(t, plan, res):
+                    decided[t] = plan.label
+                else:
+                    still.append(t)
+            todo = still
+        return decided, errors
+
+    @staticmethod
+    def _verdict(t: int, decided: dict[int, str], errors: dict[int, str],
+                 evidence: dict) -> str:
+        if t in decided:
+            evidence["repeated_in"] = decided[t]
+            return OK
+        if t in errors:
+            evidence["error"] = errors[t]
+            return ERROR
+        return GLITCH
+
     def _logprob_batch(self, ctx: ScanContext, batch: list[int]) -> list[Finding]:
         be = ctx.backend
         thr = float(self.options["threshold"])
         steps = int(self.options["steps"])
         probs: dict[int, dict[str, float]] = {t: {} for t in batch}
         greedy: dict[int, dict[str, list[int]]] = {t: {} for t in batch}
-        errors: dict[int, str] = {}
-        decided: dict[int, str] = {}
-        todo = list(batch)
-        for plan in self.plans:
-            if not todo:
-                break
-            results = be.probe([ProbeRequest(plan.tail_for(t), t, steps, plan.prefix, thr)
-                                for t in todo])
-            still = []
-            for t, res in zip(todo, results, strict=True):
-                if res.error:
-                    errors[t] = res.error
-                    still.append(t)
-                    continue
-                probs[t][plan.label] = res.max_prob
-                greedy[t][plan.label] = res.ids
-                if res.max_prob >= thr:
-                    decided[t] = plan.label
-                else:
-                    still.append(t)
-            todo = still
+
+        def ask(plan: PromptPlan, todo: list[int]) -> list:
+            return be.probe([ProbeRequest(plan.tail_for(t), t, steps, plan.prefix, thr)
+                             for t in todo])
+
+        def repeated(t: int, plan: PromptPlan, res: Any) -> bool:
+            probs[t][plan.label] = res.max_prob
+            greedy[t][plan.label] = res.ids
+            return res.max_prob >= thr
+
+        decided, errors = self._cascade(batch, ask, repeated)
         first = self.plans[0]
         n_bos = len(be.bos_ids())
         prompts = [first.full_ids(t)[n_bos:] for t in batch]
@@ -151,59 +178,36 @@ class RepeatProbe(Detector):
                          strict=True)) if keys else {}
         findings = []
         for t in batch:
-            p = probs[t]
-            best = max(p.values(), default=math.nan)
-            evidence = {"p": {k: round(v, 6) for k, v in p.items()},
+            evidence = {"p": {k: round(v, 6) for k, v in probs[t].items()},
                         "completion": {lab: texts[(t, lab)] for lab in greedy[t]},
                         "reencodes": reencodes[t]}
-            if t in decided:
-                evidence["repeated_in"] = decided[t]
-                verdict = OK
-            elif t in errors:
-                evidence["error"] = errors[t]
-                verdict = ERROR
-            else:
-                verdict = GLITCH
-            findings.append(Finding(t, best, verdict, evidence))
+            verdict = self._verdict(t, decided, errors, evidence)
+            findings.append(Finding(t, max(probs[t].values(), default=math.nan), verdict,
+                                    evidence))
         return findings
 
     def _text_batch(self, ctx: ScanContext, batch: list[int]) -> list[Finding]:
         be = ctx.backend
         texts = {t: ctx.vocab.text[t] for t in batch}
         completions: dict[int, dict[str, str]] = {t: {} for t in batch}
-        errors: dict[int, str] = {}
-        decided: dict[int, str] = {}
-        todo = list(batch)
-        for plan in self.plans:
-            if not todo:
-                break
+        bos = be.bos_ids()
+        max_new = int(self.options["max_new_tokens"])
+
+        def ask(plan: PromptPlan, todo: list[int]) -> list:
             prompts = be.encode_batch([plan.token_text(texts[t]) for t in todo])
-            bos = be.bos_ids()
-            results = be.generate([GenerateRequest(bos + p, int(self.options["max_new_tokens"]))
-                                   for p in prompts])
-            still = []
-            for t, res in zip(todo, results, strict=True):
-                if res.error:
-                    errors[t] = res.error
-                    still.append(t)
-                    continue
-                completions[t][plan.label] = res.text
-                if repeats(texts[t], res.text):
-                    decided[t] = plan.label
-                else:
-                    still.append(t)
-            todo = still
+            return be.generate([GenerateRequest(bos + p, max_new) for p in prompts])
+
+        def repeated(t: int, plan: PromptPlan, res: Any) -> bool:
+            completions[t][plan.label] = res.text
+            return repeats(texts[t], res.text)
+
+        decided, errors = self._cascade(batch, ask, repeated)
+        score = {OK: 1.0, ERROR: None, GLITCH: 0.0}
         findings = []
         for t in batch:
             evidence: dict = {"completion": completions[t]}
-            if t in decided:
-                evidence["repeated_in"] = decided[t]
-                findings.append(Finding(t, 1.0, OK, evidence))
-            elif t in errors:
-                evidence["error"] = errors[t]
-                findings.append(Finding(t, None, ERROR, evidence))
-            else:
-                findings.append(Finding(t, 0.0, GLITCH, evidence))
+            verdict = self._verdict(t, decided, errors, evidence)
+            findings.append(Finding(t, score[verdict], verdict, evidence))
         return findings
 
 

@@ -307,13 +307,9 @@ def record_verdicts(engine: Engine, model_id: int, n_vocab: int,
     verdict[checked & ~behaviour_flag] = "ok"
     verdict[error] = "error"
     verdict[glitch] = "glitch"
-    evidence = [json.dumps({"flagged_by": f}) for f in flagged_by]
-    rows = [(run_id, t, None if not np.isfinite(score[t]) else float(score[t]), verdict[t],
-             evidence[t]) for t in range(n_vocab)]
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT OR IGNORE INTO findings (run_id, token_id, score, verdict, evidence_json) "
-            "VALUES (?, ?, ?, ?, ?)", rows)
+    _insert_findings(engine, run_id, [
+        Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by[t]})
+        for t in range(n_vocab)])
     wall = time.perf_counter() - t0
     _finish(engine, run_id, "done", None, wall)
     return DetectorOutcome(VERDICT, run_id, "done", None, wall, n_vocab)
