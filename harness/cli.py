@@ -104,6 +104,15 @@ def cmd_scan(
     batch_tokens: Annotated[int | None, typer.Option(
         help="Tokens per forward pass (hf backend; default 4096 on CPU, 65536 on CUDA).")]
     = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads (llamacpp backend; default: every core).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="Tokenizer of a model behind an API (openai backend): an alias, a .gguf file, "
+             "an HF tokenizer folder or tiktoken:ENCODING.")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Requests in flight at once (openai backend; default 4).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds before a request is retried (openai backend; default 60).")] = None,
 ) -> None:
     """Scan MODEL: static detectors on every token, behavioural detectors on the
     candidates, and one final verdict per token."""
@@ -120,7 +129,9 @@ def cmd_scan(
             raise HarnessError(f"--tokens takes comma-separated token ids, not {tokens!r}"
                                ) from None
     engine = open_db(_db_url(db))
-    backend_options = {"dtype": dtype, "device": device, "batch_tokens": batch_tokens}
+    backend_options = {"dtype": dtype, "device": device, "batch_tokens": batch_tokens,
+                       "threads": threads, "tokenizer": tokenizer, "concurrency": concurrency,
+                       "timeout": timeout}
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=err)
     with progress:
@@ -138,7 +149,7 @@ def cmd_scan(
     done: dict[str, int] = {}
     failed = False
     for o in result.outcomes + ([result.verdict] if result.verdict else []):
-        if o.status in ("done", "reused", "resumed"):
+        if o.status in ("done", "reused", "resumed", "retried"):
             counts = verdict_counts(engine, o.run_id)
             summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             timing = f"{o.wall_s:.2f} s" if o.status != "reused" else "stored run reused"

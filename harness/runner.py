@@ -51,7 +51,7 @@ class Reporter:
 class DetectorOutcome:
     detector: str
     run_id: int
-    status: str  # done | reused | resumed | skipped | failed
+    status: str  # done | reused | resumed | retried | skipped | failed
     reason: str | None = None
     wall_s: float = 0.0
     n_findings: int = 0
@@ -123,11 +123,12 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
                 )).inserted_primary_key[0]
         with reporter.status(f"analysing {len(vocab)} tokens"):
             cats = analyze(vocab, backend.encode_batch)
+            attrs = vocab.attributes or [None] * len(vocab)
             rows = list(zip([model_id] * len(vocab), range(len(vocab)), vocab.raw, vocab.text,
-                            cats.tolist(), strict=True))
+                            cats.tolist(), attrs, strict=True))
             conn.exec_driver_sql(
-                "INSERT INTO tokens (model_id, token_id, raw, text, category) "
-                "VALUES (?, ?, ?, ?, ?)", rows)
+                "INSERT INTO tokens (model_id, token_id, raw, text, category, attr) "
+                "VALUES (?, ?, ?, ?, ?, ?)", rows)
     return model_id, cats, key
 
 
@@ -181,11 +182,22 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
                 Run.model_id == model_id, Run.detector == detector.name,
                 Run.detector_version == detector.version, Run.options_key == key,
                 Run.status.in_(("done", "running"))).order_by(Run.id.desc())).first()
-    if prior is not None and prior.status == "done" and not fresh:
-        return DetectorOutcome(detector.name, prior.id, "reused")
-    if prior is not None and prior.status == "running" and not fresh:
-        run_id, status = prior.id, "resumed"
+    errors = 0
+    if prior is not None and not fresh:
         with engine.connect() as conn:
+            errors = conn.execute(text("SELECT count(*) FROM findings WHERE run_id = :r AND "
+                                       "verdict = 'error'"), {"r": prior.id}).scalar_one()
+    if prior is not None and prior.status == "done" and not fresh and not errors:
+        return DetectorOutcome(detector.name, prior.id, "reused")
+    if prior is not None and not fresh:
+        # an interrupted run, or a finished one with failed tokens: redo only those
+        run_id = prior.id
+        status = "resumed" if prior.status == "running" else "retried"
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM findings WHERE run_id = ? AND verdict = 'error'",
+                                 (run_id,))
+            conn.execute(Run.__table__.update().where(Run.id == run_id).values(
+                status="running", finished_utc=None))
             done_ids = [t for (t,) in conn.exec_driver_sql(
                 "SELECT token_id FROM findings WHERE run_id = ?", (run_id,)).fetchall()]
         todo = np.setdiff1d(scope, np.asarray(done_ids, dtype=np.int64))
@@ -350,7 +362,7 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
             ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope)
             outcome = run_detector(engine, model_id, det, ctx, reporter, fresh)
             result.outcomes.append(outcome)
-            if outcome.status in ("done", "reused", "resumed"):
+            if outcome.status in ("done", "reused", "resumed", "retried"):
                 done[det.name] = (outcome.run_id, det)
 
         for det in dets:
@@ -375,7 +387,9 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
             for det in behavioural:
                 run(det, scope)
             if any(d.behavioural for _, d in done.values()):
-                result.verdict = record_verdicts(engine, model_id, len(vocab), done, fresh)
+                changed = any(o.status != "reused" for o in result.outcomes)
+                result.verdict = record_verdicts(engine, model_id, len(vocab), done,
+                                                 fresh or changed)
         return result
     finally:
         be.close()

@@ -51,6 +51,7 @@ class Token(Base):
     raw: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     text: Mapped[str] = mapped_column(String, nullable=False)
     category: Mapped[str] = mapped_column(String, nullable=False)
+    attr: Mapped[str | None] = mapped_column(String)  # the backend's token attribute, if any
 
     __table_args__ = (Index("ix_tokens_raw", "raw"),)
 

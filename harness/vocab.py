@@ -32,13 +32,16 @@ class Vocab:
     special: np.ndarray
     byte_token: np.ndarray
     padding: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # the backend's own attribute per token where it has one (llama.cpp: normal, control,
+    # unused, byte, user-defined); stored in tokens.attr
+    attributes: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.raw)
         if self.padding is None:
             self.padding = np.zeros(n, dtype=bool)
-        for name in ("text", "special", "byte_token", "padding"):
-            if len(getattr(self, name)) != n:
+        for name in ("text", "special", "byte_token", "padding", "attributes"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise ValueError(f"vocab field {name} has {len(getattr(self, name))} rows, not {n}")
         self.special = np.asarray(self.special, dtype=bool)
         self.byte_token = np.asarray(self.byte_token, dtype=bool)

@@ -277,3 +277,55 @@ def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, harness_home,
                      "WHERE detector = 'repeat-probe'")
     assert [t for t, *_ in found] == [5, 20, 290]
     assert all(json.loads(e)["completion"] for *_, e in found)
+
+
+@pytest.fixture
+def flaky():
+    from harness import plugins
+    from tests.plugins import flaky
+
+    plugins.register_plugin(flaky, name="flaky-plugin")
+    flaky.FAIL.clear()
+    flaky.ASKED.clear()
+    yield flaky
+    plugins.unregister_plugin(flaky)
+
+
+def test_failed_tokens_are_stored_as_errors_and_retried_alone(tiny_model_dir, harness_home,
+                                                              flaky):
+    """A token whose requests fail gets an `error` finding with the reason, never a gap; the
+    next scan asks again for exactly those tokens and the verdict follows."""
+    db = harness_home / "flaky.db"
+    engine = open_db(f"sqlite:///{db}")
+    tokens = list(range(20, 60))
+    flaky.FAIL.update({25, 33, 47})
+    first = scan(f"flaky:{tiny_model_dir}", engine, ["repeat-probe"], tokens=tokens)
+    (probe,) = [o for o in first.outcomes if o.detector == "repeat-probe"]
+    assert probe.status == "done"
+    got = rows(db, f"SELECT token_id, verdict, evidence_json FROM findings "
+                   f"WHERE run_id = {probe.run_id} ORDER BY token_id")
+    assert [t for t, _, _ in got] == tokens  # every token accounted for
+    errors = {t: json.loads(e)["error"] for t, v, e in got if v == "error"}
+    assert errors == {25: "HTTP 429: rate limited", 33: "HTTP 429: rate limited",
+                      47: "HTTP 429: rate limited"}
+    final = dict(rows(db, f"SELECT token_id, verdict FROM findings "
+                          f"WHERE run_id = {first.verdict.run_id}"))
+    assert {t for t, v in final.items() if v == "error"} == {25, 33, 47}
+
+    flaky.FAIL.clear()
+    flaky.ASKED.clear()
+    again = scan(f"flaky:{tiny_model_dir}", engine, ["repeat-probe"], tokens=tokens)
+    (retry,) = [o for o in again.outcomes if o.detector == "repeat-probe"]
+    assert retry.status == "retried" and retry.run_id == probe.run_id
+    assert set(flaky.ASKED) == {25, 33, 47}
+    verdicts = dict(rows(db, f"SELECT token_id, verdict FROM findings "
+                             f"WHERE run_id = {probe.run_id}"))
+    assert len(verdicts) == len(tokens) and "error" not in verdicts.values()
+    final = dict(rows(db, f"SELECT token_id, verdict FROM findings "
+                          f"WHERE run_id = {again.verdict.run_id}"))
+    assert "error" not in final.values()
+    # a third scan has nothing left to do
+    flaky.ASKED.clear()
+    third = scan(f"flaky:{tiny_model_dir}", engine, ["repeat-probe"], tokens=tokens)
+    assert [o.status for o in third.outcomes if o.detector == "repeat-probe"] == ["reused"]
+    assert flaky.ASKED == []
