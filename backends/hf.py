@@ -191,60 +191,10 @@ class HFBackend(Backend):
             "source": self._source,
         }
 
-    def _byte_level(self) -> bool:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return False
-        raw = backend.decoder.__getstate__() if backend.decoder is not None else b"{}"
-        decoder = json.loads(raw) or {}
-        parts = decoder.get("decoders", [decoder]) if decoder else []
-        return any(p.get("type") == "ByteLevel" for p in parts)
-
     def vocab(self) -> Vocab:
-        if self._vocab is not None:
-            return self._vocab
-        tok = self.tokenizer
-        n_tok = len(tok)
-        n_rows = max(int(self.model.get_input_embeddings().weight.shape[0]), n_tok)
-        pieces = tok.convert_ids_to_tokens(list(range(n_tok)))
-        special_ids = set(tok.all_special_ids)
-        for tid, added in getattr(tok, "added_tokens_decoder", {}).items():
-            if getattr(added, "special", False):
-                special_ids.add(int(tid))
-        byte_level = self._byte_level()
-        inv = _bytes_to_unicode() if byte_level else {}
-        raw: list[bytes] = []
-        byte_token = np.zeros(n_rows, dtype=bool)
-        added_ids = {int(t) for t in getattr(tok, "added_tokens_decoder", {})}
-        for i, piece in enumerate(pieces):
-            piece = piece if piece is not None else ""
-            if i in special_ids or i in added_ids:
-                raw.append(piece.encode("utf-8"))
-            elif byte_level:
-                try:
-                    raw.append(bytes(inv[c] for c in piece))
-                except KeyError:  # a piece outside the byte alphabet: keep its UTF-8
-                    raw.append(piece.encode("utf-8"))
-                byte_token[i] = len(raw[-1]) == 1 and raw[-1][0] >= 0x80
-            else:
-                m = _SP_BYTE.match(piece)
-                if m:
-                    raw.append(bytes([int(m.group(1), 16)]))
-                    byte_token[i] = True
-                else:
-                    raw.append(piece.replace("\u2581", " ").encode("utf-8"))
-        padding = np.zeros(n_rows, dtype=bool)
-        padding[n_tok:] = True
-        raw.extend(b"" for _ in range(n_rows - n_tok))
-        special = np.zeros(n_rows, dtype=bool)
-        special[[i for i in special_ids if i < n_rows]] = True
-        text = [
-            (pieces[i] if special[i] or i in added_ids else
-             raw[i].decode("utf-8", errors="backslashreplace")) if i < n_tok else f"<row {i}>"
-            for i in range(n_rows)
-        ]
-        self._vocab = Vocab(raw=raw, text=text, special=special, byte_token=byte_token,
-                            padding=padding)
+        if self._vocab is None:
+            rows = int(self.model.get_input_embeddings().weight.shape[0])
+            self._vocab = tokenizer_vocab(self.tokenizer, rows)
         return self._vocab
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -505,6 +455,57 @@ class HFBackend(Backend):
         self.model = None
         self._vocab = None
         self._prefix_caches.clear()
+
+
+def tokenizer_vocab(tok: Any, n_rows: int | None = None) -> Vocab:
+    """Every token's exact bytes from a transformers tokenizer (byte-level BPE or
+    SentencePiece); rows ``n_rows`` past the tokenizer's size are padding."""
+    n_tok = len(tok)
+    n_rows = max(n_rows or 0, n_tok)
+    pieces = tok.convert_ids_to_tokens(list(range(n_tok)))
+    added = getattr(tok, "added_tokens_decoder", {})
+    added_ids = {int(t) for t in added}
+    special_ids = set(tok.all_special_ids) | {int(t) for t, a in added.items()
+                                              if getattr(a, "special", False)}
+    inv = _bytes_to_unicode() if _byte_level(tok) else None
+    raw: list[bytes] = []
+    byte_token = np.zeros(n_rows, dtype=bool)
+    for i, piece in enumerate(pieces):
+        piece = piece if piece is not None else ""
+        if i in special_ids or i in added_ids:
+            raw.append(piece.encode("utf-8"))
+        elif inv is not None:
+            try:
+                raw.append(bytes(inv[c] for c in piece))
+            except KeyError:  # a piece outside the byte alphabet: keep its UTF-8
+                raw.append(piece.encode("utf-8"))
+            byte_token[i] = len(raw[-1]) == 1 and raw[-1][0] >= 0x80
+        elif m := _SP_BYTE.match(piece):
+            raw.append(bytes([int(m.group(1), 16)]))
+            byte_token[i] = True
+        else:
+            raw.append(piece.replace("\u2581", " ").encode("utf-8"))
+    padding = np.zeros(n_rows, dtype=bool)
+    padding[n_tok:] = True
+    raw.extend(b"" for _ in range(n_rows - n_tok))
+    special = np.zeros(n_rows, dtype=bool)
+    special[[i for i in special_ids if i < n_rows]] = True
+    text = [
+        (pieces[i] if special[i] or i in added_ids else
+         raw[i].decode("utf-8", errors="backslashreplace")) if i < n_tok else f"<row {i}>"
+        for i in range(n_rows)
+    ]
+    return Vocab(raw=raw, text=text, special=special, byte_token=byte_token, padding=padding)
+
+
+def _byte_level(tok: Any) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    raw = backend.decoder.__getstate__() if backend.decoder is not None else b"{}"
+    decoder = json.loads(raw) or {}
+    parts = decoder.get("decoders", [decoder]) if decoder else []
+    return any(p.get("type") == "ByteLevel" for p in parts)
 
 
 def _quiet_transformers() -> None:

@@ -65,7 +65,8 @@ def db_with_rows(tmp_path):
         conn.exec_driver_sql(
             "INSERT INTO models (ref, backend, fingerprint, tokenizer_hash, vocab_size, "
             "meta_json, created_utc) VALUES ('x:y', 'x', 'fp', 'th', 2, '{}', '2026-01-01')")
-        conn.exec_driver_sql("INSERT INTO tokens VALUES (1, 0, x'ff', '\\xff', 'byte')")
+        conn.exec_driver_sql("INSERT INTO tokens (model_id, token_id, raw, text, category) "
+                             "VALUES (1, 0, x'ff', '\\xff', 'byte')")
     return f"sqlite:///{path}"
 
 

@@ -174,3 +174,70 @@ def test_hf_and_llamacpp_agree_on_smollm2(tmp_path):
     agree = (hf == lc).mean()
     assert agree >= 0.9, list(zip(sample, hf, lc, strict=True))
     assert set(hf) >= {"ok", "glitch"}
+
+
+@pytest.mark.parametrize("probes", ["verify-3", "repeat-12", "n-shot"])
+def test_every_probe_set_runs_through_llamacpp(smollm2, probes):
+    from detectors.repeat_probe import RepeatProbe
+    from harness.detector import ScanContext
+
+    det = RepeatProbe(probes=probes)
+    ctx = ScanContext(backend=smollm2, vocab=smollm2.vocab(), categories=np.array([]))
+    det.prepare(ctx)
+    found = {f.token_id: f for batch in det.run(ctx, np.array([1000, 43858])) for f in batch}
+    assert found[43858].verdict == "glitch", found[43858].evidence
+    assert found[1000].verdict == "ok", found[1000].evidence  # "()"
+    assert set(found[43858].evidence["p"]) == {p.label for p in det.plans}
+
+
+@pytest.fixture(scope="module")
+def untied_gguf(tmp_path_factory):
+    """SmolLM2's GGUF with an output matrix of its own (the negated input embeddings, f16),
+    written with the gguf package the way its gguf_new_metadata script copies a file."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from backends.packaged import smollm2_gguf
+
+    reader = gguf.GGUFReader(smollm2_gguf())
+    out = tmp_path_factory.mktemp("untied") / "smollm2-untied.gguf"
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    head = (-dequantize(embd.data, embd.tensor_type)).astype(np.float16)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.add_tensor_info("output.weight", head.shape, head.dtype, head.nbytes,
+                           gguf.GGMLQuantizationType.F16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.write_tensor_data(head)
+    writer.close()
+    return out
+
+
+def test_untied_output_matrix_is_read_from_its_own_tensor(untied_gguf, smollm2):
+    from backends.llamacpp import LlamaCppBackend
+
+    untied = LlamaCppBackend(str(untied_gguf), threads=2)
+    try:
+        assert not untied.embeddings_tied()
+        emb, head = untied.input_embeddings(), untied.output_embeddings()
+        np.testing.assert_array_equal(emb, smollm2.input_embeddings())
+        np.testing.assert_allclose(head, -emb, rtol=1e-3, atol=1e-4)
+        # llama.cpp really uses it: the negated head turns the greedy choice upside down
+        prompt = smollm2.encode("The capital of France is")
+        (tied,) = smollm2.generate([GenerateRequest(prompt, 2)])
+        (flipped,) = untied.generate([GenerateRequest(prompt, 2)])
+        assert tied.ids != flipped.ids
+    finally:
+        untied.close()
