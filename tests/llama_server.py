@@ -37,14 +37,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class LlamaServer:
     """A running llama_cpp.server: its base URL, served model name and API key (if any)."""
@@ -136,7 +128,5 @@ def start_llama_server(model_path: str | None = None, *, alias: str = MODEL_ALIA
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[str]:
     """Base URL of a llama_cpp.server serving SmolLM2-135M as model ``smollm2``."""
-    if not llama_cpp_available():
-        pytest.skip("llama-cpp-python[server] is not installed")
     with start_llama_server() as server:
         yield server.url

@@ -22,14 +22,13 @@ from harness.hookspecs import hookimpl
 from harness.probe import ProbeSet, plan_prompt
 from harness.runner import scan
 from tests.fault_proxy import FaultProxy
-from tests.llama_server import llama_cpp_available, llama_server, start_llama_server
+from tests.llama_server import llama_server, start_llama_server
 
 __all__ = ["llama_server"]  # the fixture, imported to be used here
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python[server] missing"),
-]
+# no skip when llama-cpp-python is missing: `make test` installs it, and a broken install
+# must fail here rather than pass unseen
+pytestmark = pytest.mark.real_model
 
 NORMAL = {260: " the", 2644: " cat", 2291: " house", 913: " water", 2382: " red",
           2477: " music", 2583: " computer", 4480: " garden", 4626: " river"}
