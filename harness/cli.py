@@ -231,6 +231,76 @@ def cmd_evaluate(
         out.print(table)
 
 
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+def cmd_compare(
+    models: Annotated[list[str], typer.Argument(help="Two or more models (alias or ref).")],
+    detectors: Annotated[str, typer.Option(
+        "--detectors", "-d", help="Detectors to compare (scanned where missing).")]
+    = ",".join(DEFAULT_DETECTORS),
+    db: DbOption = None,
+    stored: Annotated[bool, typer.Option(
+        "--stored", help="Compare what is stored; scan nothing, load no model.")] = False,
+    candidates: Annotated[float, typer.Option(
+        help="Candidates per static detector where a scan is needed.")] = DEFAULT_CANDIDATES,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="table, json, csv or markdown.")] = "table",
+    top: Annotated[int, typer.Option(help="How many tokens to list per set.")] = 15,
+) -> None:
+    """Compare the glitch tokens of MODELS: counts, overlap, Jaccard index and rank
+    correlation per detector and for the final verdict; tokens glitchy in all or in one."""
+    from harness.compare import compare, load_side
+    from harness.compare_format import render
+
+    if fmt not in FORMATS:
+        raise HarnessError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if len(models) < 2:
+        raise HarnessError("compare needs at least two models")
+    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    engine = open_db(_db_url(db))
+    sides = []
+    for model in models:
+        if stored:
+            model_id, label, runs = stored_runs(engine, model, names)
+        else:
+            progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"),
+                                BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=err, transient=True)
+            with progress:
+                result = scan(model, engine, names, reporter=RichReporter(progress),
+                              candidates=candidates)
+            failed = [o for o in result.outcomes if o.status in ("failed", "skipped")]
+            for o in failed:
+                err.print(f"[yellow]{escape(model)}: {o.detector} {o.status}[/]: "
+                          f"{escape(o.reason or '')}")
+            runs = {o.detector: o.run_id for o in result.outcomes if o not in failed}
+            if result.verdict is not None:
+                runs["verdict"] = result.verdict.run_id
+            model_id, label = result.model_id, result.ref.alias or result.ref.ref
+        sides.append(load_side(engine, label, model_id, runs))
+    render(compare(sides, top), fmt, out)
+
+
+def stored_runs(engine: Any, model: str, names: list[str]) -> tuple[int, str, dict[str, int]]:
+    """A stored model's latest finished run of each detector in ``names`` and of the final
+    verdict."""
+    from sqlalchemy import text
+
+    from harness.evaluate import find_model
+
+    model_id, label = find_model(engine, model)
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT detector, max(id) FROM runs WHERE model_id = :m AND status = 'done' "
+            "GROUP BY detector"), {"m": model_id}).all()
+    runs = {d: r for d, r in rows if d in names or d == "verdict"}
+    if not runs:
+        raise HarnessError(f"{label!r} has no finished run of {', '.join(names)}: run "
+                           f"`harness scan {model}` first")
+    return model_id, label, runs
+
+
 def cmd_models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List model aliases and what they resolve to."""
     reg = registry()
@@ -331,9 +401,12 @@ def build_app() -> typer.Typer:
                       help="Find glitch tokens in language models; every result goes to SQLite.")
     app.command("scan")(cmd_scan)
     app.command("evaluate")(cmd_evaluate)
+    app.command("compare")(cmd_compare)
     app.command("models")(cmd_models)
     app.command("plugins")(cmd_plugins)
     app.command("sql")(cmd_sql)
+    from harness.report import cmd_report
+    app.command("report")(cmd_report)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)
     app.add_typer(db_app, name="db")

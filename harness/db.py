@@ -35,12 +35,21 @@ def head_revision() -> str:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite would open transactions itself, as DEFERRED; _begin_immediate does it instead
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA journal_mode = WAL")
     cur.execute("PRAGMA synchronous = NORMAL")
     cur.execute("PRAGMA foreign_keys = ON")
     cur.close()
+
+
+def _begin_immediate(conn: Any) -> None:
+    """Every transaction takes the write lock when it starts, waiting up to the busy timeout
+    for another process's: a DEFERRED transaction that reads and then writes fails at once
+    with "database is locked" when another writer got in between."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def open_db(url: str) -> Engine:
@@ -60,6 +69,7 @@ def open_db(url: str) -> Engine:
                            if is_sqlite else {})
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _begin_immediate)
     try:
         _migrate(engine)
     except sa_exc.DatabaseError as exc:
