@@ -34,7 +34,14 @@ def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise HarnessError(f"plugin {exc.plugin!r} is broken: {exc}") from None
+        name = pm.get_name(exc.plugin) or getattr(exc.plugin, "__name__", repr(exc.plugin))
+        dist = dict((id(p), d) for p, d in pm.list_plugin_distinfo()).get(id(exc.plugin))
+        where = f" (package {dist.project_name} {dist.version})" if dist else ""
+        known = sorted(n for n in dir(hookspecs) if n.startswith("register_"))
+        bad = [h for h in dir(exc.plugin) if h.startswith("register_") and h not in known]
+        what = f"unknown hook {', '.join(map(repr, bad))}" if bad else str(exc)
+        raise HarnessError(f"plugin {name!r}{where} is broken: {what} "
+                           f"(hooks: {', '.join(known)})") from None
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
