@@ -61,6 +61,14 @@ class RichReporter(Reporter):
         return lambda n: self.progress.advance(task, n)
 
 
+def _progress(transient: bool = False) -> Progress:
+    """Progress bars on stderr; none when stderr is not a terminal (a log file, a pipe), where
+    rich would only print their final state and a stray blank line before an error."""
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                    transient=transient, disable=not err.is_terminal)
+
+
 def _parse_options(options: list[str]) -> dict[str, dict[str, Any]]:
     parsed: dict[str, dict[str, Any]] = {}
     for item in options:
@@ -132,8 +140,7 @@ def cmd_scan(
     backend_options = {"dtype": dtype, "device": device, "batch_tokens": batch_tokens,
                        "threads": threads, "tokenizer": tokenizer, "concurrency": concurrency,
                        "timeout": timeout}
-    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    progress = _progress()
     with progress:
         result = scan(model, engine, names, backend=backend, backend_options=backend_options,
                       detector_options=_parse_options(option or []), fresh=fresh,
@@ -264,9 +271,7 @@ def cmd_compare(
         if stored:
             model_id, label, runs = stored_runs(engine, model, names)
         else:
-            progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"),
-                                BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                console=err, transient=True)
+            progress = _progress(transient=True)
             with progress:
                 result = scan(model, engine, names, reporter=RichReporter(progress),
                               candidates=candidates)
