@@ -277,12 +277,8 @@ class HFBackend(Backend):
         results = [ScoreResult() for _ in requests]
         good = []
         for i, req in enumerate(requests):
-            bad = [p for p in req.positions if p < 1 or p > len(req.ids)]
-            if len(req.positions) != len(req.targets):
-                results[i].error = "positions and targets differ in length"
-            elif bad:
-                results[i].error = f"positions {bad} outside 1..{len(req.ids)}"
-            else:
+            results[i].error = req.problem()
+            if results[i].error is None:
                 good.append(i)
         # batches of similar length, so little of each pass is spent on padding
         good.sort(key=lambda i: len(requests[i].ids))

@@ -443,11 +443,8 @@ class LlamaCppBackend(Backend):
         results = [ScoreResult() for _ in requests]
         good = []
         for i, req in enumerate(requests):
-            bad = [p for p in req.positions if p < 1 or p > len(req.ids)]
-            if len(req.positions) != len(req.targets):
-                results[i].error = "positions and targets differ in length"
-            elif bad:
-                results[i].error = f"positions {bad} outside 1..{len(req.ids)}"
+            if problem := req.problem():
+                results[i].error = problem
             elif len(req.ids) > self.n_ctx:
                 results[i].error = f"{len(req.ids)} tokens is longer than n_ctx {self.n_ctx}"
             else:

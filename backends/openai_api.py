@@ -744,11 +744,8 @@ class OpenAIBackend(Backend):
         results = [ScoreResult() for _ in requests]
         wanted: list[tuple[int, int, int]] = []  # (request, slot, position)
         for i, req in enumerate(requests):
-            bad = [p for p in req.positions if p < 1 or p > len(req.ids)]
-            if len(req.positions) != len(req.targets):
-                results[i].error = "positions and targets differ in length"
-            elif bad:
-                results[i].error = f"positions {bad} outside 1..{len(req.ids)}"
+            if problem := req.problem():
+                results[i].error = problem
             else:
                 results[i].logprobs = [math.nan] * len(req.positions)
                 wanted.extend((i, k, p) for k, p in enumerate(req.positions))

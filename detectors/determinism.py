@@ -21,7 +21,7 @@ from harness.backend import Capability, GenerateRequest
 from harness.detector import ERROR, OK, SUSPECT, Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe import PromptPlan, plan_prompt
+from harness.probe import PromptPlan, find_probe_set, plan_prompt
 
 
 class Determinism(Detector):
@@ -41,14 +41,8 @@ class Determinism(Detector):
                 "batch": 64}
 
     def __init__(self, **options) -> None:
-        from harness.plugins import registry
-
         super().__init__(**options)
-        probes = registry().probes
-        if self.options["probes"] not in probes:
-            raise HarnessError(f"unknown probe set {self.options['probes']!r} "
-                               f"(known: {', '.join(sorted(probes))})")
-        templates = probes[self.options["probes"]][0]
+        templates = find_probe_set(self.options["probes"])
         index = int(self.options["prompt"])
         if not 0 <= index < len(templates.templates):
             raise HarnessError(f"probe set {templates.name!r} has prompts 0.."

@@ -25,7 +25,7 @@ from harness.backend import Capability, GenerateRequest, ProbeRequest
 from harness.detector import ERROR, GLITCH, OK, Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe import PromptPlan, plan_prompt
+from harness.probe import PromptPlan, find_probe_set, plan_prompt
 
 _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")
 
@@ -63,14 +63,8 @@ class RepeatProbe(Detector):
                 "order": "cost", "max_new_tokens": 12, "batch": 256}
 
     def __init__(self, **options) -> None:
-        from harness.plugins import registry
-
         super().__init__(**options)
-        probes = registry().probes
-        if self.options["probes"] not in probes:
-            raise HarnessError(f"unknown probe set {self.options['probes']!r} "
-                               f"(known: {', '.join(sorted(probes))})")
-        self.probe_set = probes[self.options["probes"]][0]
+        self.probe_set = find_probe_set(self.options["probes"])
 
     def prepare(self, ctx: ScanContext) -> dict:
         opts = dict(self.options)

@@ -50,6 +50,13 @@ class ScoreRequest:
     positions: Sequence[int]
     targets: Sequence[int]
 
+    def problem(self) -> str | None:
+        """Why this request cannot be scored, or None: every backend checks it the same way."""
+        if len(self.positions) != len(self.targets):
+            return "positions and targets differ in length"
+        bad = [p for p in self.positions if p < 1 or p > len(self.ids)]
+        return f"positions {bad} outside 1..{len(self.ids)}" if bad else None
+
 
 @dataclass
 class ScoreResult:

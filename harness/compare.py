@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from harness.errors import HarnessError
+from harness.summary import run_arrays
 
 VERDICT = "verdict"
 FLAGGED = ("glitch", "suspect")
@@ -56,15 +57,7 @@ def load_side(engine: Engine, name: str, model_id: int, runs: dict[str, int]) ->
         for det, run_id in runs.items():
             when = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
                                 {"r": run_id}).scalar_one()
-            found = conn.exec_driver_sql("SELECT token_id, score, verdict FROM findings "
-                                         "WHERE run_id = ?", (run_id,)).fetchall()
-            scores = np.full(n, np.nan)
-            verdicts = np.full(n, "", dtype=object)
-            if found:
-                ids = np.array([f[0] for f in found])
-                scores[ids] = np.array([np.nan if f[1] is None else f[1] for f in found])
-                verdicts[ids] = [f[2] for f in found]
-            side.scores[det], side.verdicts[det] = scores, verdicts
+            side.scores[det], side.verdicts[det] = run_arrays(conn, run_id, n)
             side.suspicious_when[det] = when
     return side
 

@@ -67,6 +67,17 @@ class PromptPlan:
         return self.text.replace(TOKEN_SLOT, token_text)
 
 
+def find_probe_set(name: str) -> ProbeSet:
+    """The registered probe set called ``name``; one line naming the known ones if none is."""
+    from harness.errors import HarnessError
+    from harness.plugins import registry
+
+    probes = registry().probes
+    if name not in probes:
+        raise HarnessError(f"unknown probe set {name!r} (known: {', '.join(sorted(probes))})")
+    return probes[name][0]
+
+
 def plan_prompt(template: str, label: str,
                 encode: Callable[[str], list[int]]) -> PromptPlan:
     """Encode ``template`` once with a placeholder token at every slot.

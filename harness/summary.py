@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import text
@@ -24,6 +25,20 @@ class RankedToken:
 SEVERITY = {"glitch": 3, "suspect": 2, "error": 1}
 
 
+def run_arrays(conn: Any, run_id: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run's scores (NaN where none) and verdicts ("" where no finding), indexed by token
+    id over ``size`` tokens."""
+    rows = conn.exec_driver_sql("SELECT token_id, score, verdict FROM findings "
+                                "WHERE run_id = ?", (run_id,)).fetchall()
+    scores = np.full(size, np.nan)
+    verdicts = np.full(size, "", dtype=object)
+    if rows:
+        ids, sc, vd = zip(*rows, strict=True)
+        scores[list(ids)] = np.array(sc, dtype=float)  # None becomes nan
+        verdicts[list(ids)] = vd
+    return scores, verdicts
+
+
 def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25,
                final_run: int | None = None) -> list[RankedToken]:
     """Tokens ranked by final verdict (when ``final_run`` is given), then by how many
@@ -42,14 +57,7 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
         for det, run_id in run_ids.items():
             when = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
                                 {"r": run_id}).scalar_one()
-            rows = conn.exec_driver_sql("SELECT token_id, score, verdict FROM findings "
-                                        "WHERE run_id = ?", (run_id,)).fetchall()
-            s = np.full(size, np.nan)
-            v = np.full(size, "", dtype=object)
-            if rows:
-                ids, sc, vd = zip(*rows, strict=True)
-                s[list(ids)] = np.array(sc, dtype=float)  # None becomes nan
-                v[list(ids)] = vd
+            s, v = run_arrays(conn, run_id, size)
             key = np.where(np.isnan(s), np.inf, -s if when == "high" else s)
             rank = np.empty(size)
             rank[np.argsort(key, kind="stable")] = np.arange(size)
