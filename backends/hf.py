@@ -6,16 +6,19 @@ cache dir, keyed by the file's sha256, so the next load takes about a second.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import re
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +38,9 @@ from harness.backend import (
 from harness.errors import HarnessError, ModelLoadError
 from harness.hookspecs import hookimpl
 from harness.vocab import Vocab
+
+if TYPE_CHECKING:
+    from backends.shared_prefix import SharedPrefix
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Tokens per forward pass: large enough to keep the matrix units busy, small enough for the
@@ -89,15 +95,28 @@ class HFBackend(Backend):
         self.torch = torch
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise HarnessError(f"device {device!r}: torch sees no CUDA GPU here "
+                               f"(torch {torch.__version__})")
         self.device = device
+        bf16 = not device.startswith("cuda") or torch.cuda.is_bf16_supported()
         if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+            dtype = ("bfloat16" if bf16 else "float16") if device.startswith("cuda") \
+                else "float32"
+        elif dtype == "bfloat16" and not bf16:
+            raise HarnessError(f"{torch.cuda.get_device_name(device)} has no bfloat16: use "
+                               "--dtype float16 or float32")
         self.dtype_name = dtype
         self.batch_tokens = int(batch_tokens or (
             CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS))
         self._vocab: Vocab | None = None
         self._prefix_caches: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._head32: tuple[Any, Any] | None = None
+        self._memory_share = 0.6  # of the free GPU memory, for one pass; halved on OOM
+        self._shared_prefix = False
         self._load(target)
+        self._check_head()
+        self._shared_prefix = self._try_shared_prefix()
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -117,14 +136,21 @@ class HFBackend(Backend):
     def _load_pretrained(self, where: str, what: str, **kwargs: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _quiet_transformers()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=getattr(self.torch, self.dtype_name), **kwargs)
+            with quiet_transformers():
+                self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    where, dtype=getattr(self.torch, self.dtype_name), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
             raise ModelLoadError(f"cannot load {what}: {_first_line(exc)}") from None
-        self.model.to(self.device)
+        try:
+            self.model.to(self.device)
+        except (self.torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
+            self.model = None
+            raise ModelLoadError(f"cannot put {what} ({gb:.1f} GiB of weights in "
+                                 f"{self.dtype_name}) on {self.device}: "
+                                 f"{_first_line(exc)}") from None
         self.model.eval()
 
     def _load_gguf(self, path: Path) -> None:
@@ -143,11 +169,11 @@ class HFBackend(Backend):
         from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _quiet_transformers()
         try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=self.torch.float32)
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=self.torch.float32)
         except Exception as exc:  # transformers raises many types on unsupported GGUF files
             raise ModelLoadError(f"transformers cannot load {path}: {_first_line(exc)}") from None
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +269,12 @@ class HFBackend(Backend):
         return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
 
     # --- batched inference ------------------------------------------------------------------
+    #
+    # Every pass runs the model's body (``model.base_model``) and projects only the positions
+    # that are read, in float32 (``_logprobs``): on a bf16 model the verdicts near the 0.01
+    # threshold must not depend on the dtype. Chunks are sized from the free GPU memory and
+    # the model's key/value bytes per token; a chunk that still runs out of memory is split
+    # in halves once the failed call's memory is released.
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -251,48 +283,182 @@ class HFBackend(Backend):
                 return int(candidate)
         return 0
 
-    def _logits_at(self, ids: Any, mask: Any, cols: list[int]) -> Any:
-        """Logits at columns ``cols`` only: the LM head runs on no other position."""
+    def _rows(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    def _body(self, ids: Any, cache: Any = None, mask: Any = None, keep_cache: bool = False,
+              shared: SharedPrefix | None = None) -> tuple[Any, Any]:
+        """The model's final hidden states for ``ids`` (and its key/value cache): after
+        ``cache``, or after the prefix ``shared`` holds once for every row."""
+        if shared is not None:
+            with shared.active():
+                out = self.model.base_model(
+                    input_ids=ids, use_cache=False,
+                    position_ids=shared.positions(ids.shape[0], ids.shape[1], ids.device))
+            return out.last_hidden_state, None
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, cache=cache,
+                                    use_cache=keep_cache or cache is not None)
+        return out.last_hidden_state, out.cache
+
+    def _head(self) -> tuple[Any, Any]:
+        """The output projection's weight and bias in float32 (the model's own tensors
+        when it is float32, a float32 copy made once otherwise)."""
+        if self._head32 is None:
+            head = self.model.get_output_embeddings()
+            if head is None:
+                raise HarnessError("the model has no output embeddings to score with")
+            bias = getattr(head, "bias", None)
+            self._head32 = (head.weight.detach().float(),
+                            None if bias is None else bias.detach().float())
+        return self._head32
+
+    def _logits(self, hidden: Any, rows: slice = slice(None)) -> Any:
+        """Float32 logits (of the vocabulary rows ``rows``) from final hidden states."""
+        weight, bias = self._head()
+        logits = hidden.float() @ weight[rows].T
+        if bias is not None:
+            logits = logits + bias[rows]
+        cfg = self.model.config
+        cap = getattr(getattr(cfg, "get_text_config", lambda: cfg)(),
+                      "final_logit_softcapping", None)
+        if cap:
+            logits = self.torch.tanh(logits / cap) * cap
+        return logits
+
+    def _logprobs(self, hidden: Any) -> Any:
+        """Float32 log-probabilities of the next token from final hidden states (rows, d)."""
+        return self.torch.log_softmax(self._logits(hidden), dim=-1)
+
+    def _read(self, hidden: Any, targets: Any) -> tuple[Any, Any]:
+        """Each row's log-probability of its target and its greedy token, without holding
+        the whole vocabulary's logits at once: the projection runs a block of vocabulary
+        rows at a time (on Gemma 3's 262,144 rows that halves the time), keeping a running
+        log-sum-exp and argmax."""
         torch = self.torch
-        wanted = sorted(set(cols))
-        if "logits_to_keep" in self._forward_params():
-            keep = torch.tensor(wanted, device=self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-        else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, wanted]
-        where = {c: k for k, c in enumerate(wanted)}
-        return logits, torch.tensor([where[c] for c in cols], device=self.device)
+        n, size = hidden.shape[0], self._rows()
+        block = max(1024, (1 << 22) // max(1, n))  # about 16 MB of logits per block
+        top = torch.full((n,), float("-inf"), device=hidden.device)
+        total = torch.zeros(n, device=hidden.device)
+        best = torch.zeros(n, dtype=torch.long, device=hidden.device)
+        own = torch.empty(n, device=hidden.device)
+        for start in range(0, size, block):
+            logits = self._logits(hidden, slice(start, start + block))
+            value, index = logits.max(dim=1)
+            higher = value > top
+            best = torch.where(higher, index + start, best)
+            new_top = torch.maximum(top, value)
+            total = total * torch.exp(top - new_top) + torch.exp(
+                logits - new_top[:, None]).sum(dim=1)
+            top = new_top
+            mine = (targets >= start) & (targets < start + logits.shape[1])
+            own = torch.where(mine, logits.gather(
+                1, (targets - start).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1), own)
+        return own - top - torch.log(total), best
 
-    def _keep_last(self) -> dict[str, int]:
-        return {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params() else {}
+    def _check_head(self) -> None:
+        """The float32 projection must give the model's own next-token distribution; a
+        model that transforms its logits in a way ``_logprobs`` does not know is refused."""
+        torch = self.torch
+        ids = torch.tensor([self.bos_ids() + self.encode(" The quick brown fox")],
+                           device=self.device)
+        with torch.inference_mode():
+            own = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+            ours = self._logprobs(self._body(ids)[0][0])
+        diff = float((own - ours).abs().max())
+        if diff > (1e-3 if self.dtype_name == "float32" else 0.5):
+            raise ModelLoadError(f"{type(self.model).__name__} computes its logits in a way "
+                                 f"the hf backend does not reproduce (log-probabilities "
+                                 f"differ by {diff:.3g})")
 
-    def _forward_params(self) -> set[str]:
-        if not hasattr(self, "_params"):
-            import inspect
+    def _try_shared_prefix(self) -> bool:
+        """Use the shared-prefix attention where the model takes it and it gives what the
+        plain key/value cache gives (checked on two short probes)."""
+        from backends.shared_prefix import install
 
-            self._params = set(inspect.signature(self.model.forward).parameters)
-        return self._params
+        if not install(self.model):
+            return False
+        prefix = tuple(self.bos_ids() + self.encode("Repeat after me, exactly:"))
+        tail = self.encode(" the cat sat")
+        reqs = [ProbeRequest(tail, t, steps=2, prefix=prefix) for t in tail[:2]]
+        plain = HFBackend.probe(self, reqs)  # this class's own path, not a subclass's
+        self._shared_prefix = True
+        shared = HFBackend.probe(self, reqs)
+        self._shared_prefix = False
+        tol = 1e-3 if self.dtype_name == "float32" else 5e-2
+        if all(a.error is None and b.error is None and a.ids == b.ids
+               and np.allclose(a.probs, b.probs, rtol=tol, atol=1e-6)
+               for a, b in zip(plain, shared, strict=True)):
+            return True
+        self.model.set_attn_implementation("sdpa")
+        return False
+
+    def chunk_rows(self, new_tokens: int, context: int, reads: int = 1) -> int:
+        """Sequences per forward pass: ``new_tokens`` each, attending to ``context`` cached
+        ones, with ``reads`` positions projected onto the vocabulary."""
+        if not self.device.startswith("cuda"):
+            return max(1, self.batch_tokens // max(1, new_tokens))
+        free, _ = self.torch.cuda.mem_get_info(self.device)
+        return chunk_rows(self.model.config, free * self._memory_share, self._dtype_bytes(),
+                          new_tokens, context, reads, self._rows(), self.batch_tokens)
+
+    def _dtype_bytes(self) -> int:
+        return 4 if self.dtype_name == "float32" else 2
+
+    def _split_on_oom(self, run: Callable[[list[int]], None], items: list[int]) -> None:
+        """``run(items)``; on CUDA out of memory, the halves, each the same way.
+
+        The split happens after the ``except`` block: inside it, the exception's traceback
+        keeps the failed call's key/value cache and activations alive, and the halves would
+        run out of memory again. Later chunks are sized smaller too.
+        """
+        try:
+            run(items)
+            return
+        except self.torch.cuda.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+        self._memory_share = max(0.05, self._memory_share / 2)
+        self.torch.cuda.empty_cache()
+        half = len(items) // 2
+        self._split_on_oom(run, items[:half])
+        self._split_on_oom(run, items[half:])
+
+    def _run_chunks(self, chunks: list[list[int]], run: Callable[[list[int]], None],
+                    fail: Callable[[int, str], None]) -> None:
+        """Run each chunk (split on out of memory); a chunk that fails fails each of its
+        items with the reason, none is dropped."""
+        for chunk in chunks:
+            try:
+                self._split_on_oom(run, chunk)
+            except Exception as exc:
+                for i in chunk:
+                    fail(i, f"{type(exc).__name__}: {_first_line(exc)}")
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         results = [ScoreResult() for _ in requests]
         good = []
         for i, req in enumerate(requests):
-            results[i].error = req.problem()
+            results[i].error = req.problem(self._rows())
             if results[i].error is None:
                 good.append(i)
         # batches of similar length, so little of each pass is spent on padding
         good.sort(key=lambda i: len(requests[i].ids))
-        batch: list[int] = []
+        chunks: list[list[int]] = []
         for i in good:
-            if batch and (len(batch) + 1) * len(requests[i].ids) > self.batch_tokens:
-                self._score_batch(requests, batch, results)
-                batch = []
-            batch.append(i)
-        if batch:
-            self._score_batch(requests, batch, results)
+            n = len(requests[i].ids)
+            if chunks and len(chunks[-1]) >= self.chunk_rows(n, 0, len(requests[i].positions)):
+                chunks.append([])
+            if not chunks:
+                chunks.append([])
+            chunks[-1].append(i)
+
+        def fail(i: int, reason: str) -> None:
+            results[i].error = reason
+
+        self._run_chunks(chunks, lambda c: self._score_chunk(requests, c, results), fail)
         return results
 
-    def _score_batch(self, requests: Sequence[ScoreRequest], batch: list[int],
+    def _score_chunk(self, requests: Sequence[ScoreRequest], batch: list[int],
                      results: list[ScoreResult]) -> None:
         torch = self.torch
         width = max(len(requests[i].ids) for i in batch)
@@ -307,17 +473,11 @@ class HFBackend(Backend):
                 rows.append(b)
                 cols.append(p - 1)
                 targets.append(t)
-        try:
-            with torch.inference_mode():
-                logits, at = self._logits_at(ids.to(self.device), mask.to(self.device), cols)
-                picked = logits[torch.tensor(rows, device=self.device), at].float()
-                logp = torch.log_softmax(picked, dim=-1)
-                values = logp[torch.arange(len(targets), device=self.device),
-                              torch.tensor(targets, device=self.device)].cpu().tolist()
-        except Exception as exc:  # a failed batch fails each of its items, none is dropped
-            for i in batch:
-                results[i].error = f"{type(exc).__name__}: {_first_line(exc)}"
-            return
+        dev = self.device
+        with torch.inference_mode():
+            hidden, _ = self._body(ids.to(dev), mask=None if bool(mask.all()) else mask.to(dev))
+            at = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+            values = self._read(at, torch.tensor(targets, device=dev))[0].cpu().tolist()
         k = 0
         for i in batch:
             n = len(requests[i].positions)
@@ -327,95 +487,102 @@ class HFBackend(Backend):
     def probe(self, requests: Sequence[ProbeRequest]) -> list[ProbeResult]:
         """Requests with the same prefix and length run together: the prefix once (its
         key/value cache copied to every row), then only the rows not yet decided decode
-        further; the LM head runs on the last position only."""
+        further; only the last position is projected onto the vocabulary."""
         results = [ProbeResult() for _ in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(tuple(r.prefix), len(r.ids))].append(i)
+            if problem := r.problem(self._rows()):
+                results[i].error = problem
+            else:
+                groups[(tuple(r.prefix), len(r.ids))].append(i)
+
+        def fail(i: int, reason: str) -> None:
+            results[i] = ProbeResult(error=reason)
+
         for (prefix, length), idx in groups.items():
-            per_row = len(prefix) + length + max(requests[i].steps for i in idx)
-            size = max(1, self.batch_tokens // max(1, length + 1))
-            size = min(size, max(1, 4 * self.batch_tokens // per_row))
-            for k in range(0, len(idx), size):
-                chunk = idx[k: k + size]
-                try:
-                    self._probe_split(prefix, [requests[i] for i in chunk],
-                                      [results[i] for i in chunk])
-                except Exception as exc:
-                    for i in chunk:
-                        results[i] = ProbeResult(error=f"{type(exc).__name__}: "
-                                                       f"{_first_line(exc)}")
+            steps = max(requests[i].steps for i in idx)
+            size = self.chunk_rows(length + steps, len(prefix) + length + steps)
+            chunks = [idx[k: k + size] for k in range(0, len(idx), size)]
+            self._run_chunks(chunks, lambda c, p=prefix: self._probe_chunk(
+                p, [requests[i] for i in c], [results[i] for i in c]), fail)
         return results
 
-    def _probe_split(self, prefix: tuple[int, ...], reqs: list[ProbeRequest],
-                     out: list[ProbeResult]) -> None:
-        """Run a chunk; on a GPU out of memory, run its halves instead."""
-        try:
-            self._probe_chunk(prefix, reqs, out)
-        except self.torch.cuda.OutOfMemoryError:
-            if len(reqs) == 1:
-                raise
-            self.torch.cuda.empty_cache()
-            half = len(reqs) // 2
-            self._probe_split(prefix, reqs[:half], out[:half])
-            self._probe_split(prefix, reqs[half:], out[half:])
-
     def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
+        """The key/value cache of ``prefix``, one row, computed once (the 8 latest kept)."""
         if prefix in self._prefix_caches:
             self._prefix_caches.move_to_end(prefix)
-            return self._prefix_caches[prefix]
-        torch = self.torch
-        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
-        cache = self.model(input_ids=ids, use_cache=True, **self._keep_last()).past_key_values
-        self._prefix_caches[prefix] = cache
-        while len(self._prefix_caches) > 8:
-            self._prefix_caches.popitem(last=False)
-        return cache
+        else:
+            ids = self.torch.tensor([list(prefix)], dtype=self.torch.long, device=self.device)
+            self._prefix_caches[prefix] = self._body(ids, keep_cache=True)[1]
+            while len(self._prefix_caches) > 8:
+                self._prefix_caches.popitem(last=False)
+        return self._prefix_caches[prefix]
+
+    def _after_prefix(self, prefix: tuple[int, ...], rows: int, tail: int
+                      ) -> tuple[Any, Any]:
+        """What the rows of a chunk (``tail`` new tokens each) continue from: ``(cache,
+        shared)``, one of them set (or neither, for an empty prefix). The shared-prefix
+        attention keeps the prefix once; otherwise the cache is copied to every row."""
+        if not prefix:
+            return None, None
+        if self._shared_prefix and len(prefix) >= tail:
+            # long tails are faster through sdpa; a short prefix costs little to copy
+            from backends.shared_prefix import SharedPrefix
+
+            return None, SharedPrefix(self._prefix_cache(prefix), len(prefix))
+        cache = copy.deepcopy(self._prefix_cache(prefix))
+        cache.batch_repeat_interleave(rows)
+        return cache, None
 
     def _probe_chunk(self, prefix: tuple[int, ...], reqs: list[ProbeRequest],
                      out: list[ProbeResult]) -> None:
+        """Greedy steps on device: probabilities and tokens collect in device tensors and
+        reach the host once. On a CPU, decided rows leave the batch between steps; on a
+        GPU every row runs every step (finding the decided rows would wait on the device)
+        and what a decided row generates afterwards is not recorded."""
         torch = self.torch
         n = len(reqs)
         dev = self.device
+        on_cpu = not dev.startswith("cuda")
+        eos = self.tokenizer.eos_token_id
+        eos = -1 if eos is None else int(eos)
+        n_steps = max(r.steps for r in reqs)
         with torch.inference_mode():
-            past = None
-            if prefix:
-                past = copy.deepcopy(self._prefix_cache(prefix))
-                past.batch_repeat_interleave(n)
+            cache, shared = self._after_prefix(prefix, n, len(reqs[0].ids))
             ids = torch.tensor([list(r.ids) for r in reqs], dtype=torch.long, device=dev)
             targets = torch.tensor([r.target for r in reqs], dtype=torch.long, device=dev)
             stop = torch.tensor([r.stop_at if r.stop_at is not None else 2.0 for r in reqs],
                                 device=dev)
             steps = torch.tensor([r.steps for r in reqs], device=dev)
-            eos = self.tokenizer.eos_token_id
-            eos = -1 if eos is None else int(eos)
-            rows = torch.arange(n, device=dev)  # which request each live row belongs to
-            seen = len(prefix)
-            probs: list[list[float]] = [[] for _ in reqs]
-            greedy: list[list[int]] = [[] for _ in reqs]
-            for step in range(int(steps.max())):
-                mask = torch.ones((len(rows), seen + ids.shape[1]), dtype=torch.long,
-                                  device=dev)
-                res = self.model(input_ids=ids, attention_mask=mask, past_key_values=past,
-                                 use_cache=True, **self._keep_last())
-                past = res.past_key_values
-                seen += ids.shape[1]
-                logp = torch.log_softmax(res.logits[:, -1].float(), dim=-1)
-                p = logp.gather(1, targets[rows, None]).squeeze(1).exp()
-                nxt = logp.argmax(dim=-1)
-                for r, pr, g in zip(rows.tolist(), p.tolist(), nxt.tolist(), strict=True):
-                    probs[r].append(pr)
-                    greedy[r].append(g)
-                live = (p < stop[rows]) & (steps[rows] > step + 1) & (nxt != eos)
-                if not bool(live.any()):
+            probs = torch.full((n, n_steps), float("nan"), device=dev)
+            greedy = torch.full((n, n_steps), -1, dtype=torch.long, device=dev)
+            live = torch.ones(n, dtype=torch.bool, device=dev)
+            rows = torch.arange(n, device=dev)  # which request each row of the batch is
+            for step in range(n_steps):
+                hidden, cache = self._body(ids, cache, keep_cache=True, shared=shared)
+                logp, nxt = self._read(hidden[:, -1], targets[rows])
+                p = logp.exp()
+                was = live[rows]
+                probs[rows, step] = torch.where(was, p, probs[rows, step])
+                greedy[rows, step] = torch.where(was, nxt, greedy[rows, step])
+                live[rows] = was & (p < stop[rows]) & (steps[rows] > step + 1) & (nxt != eos)
+                if step + 1 == n_steps:
                     break
-                if not bool(live.all()):
-                    keep = live.nonzero().squeeze(1)
-                    past.batch_select_indices(keep)
-                    rows, nxt = rows[keep], nxt[keep]
+                if on_cpu:
+                    keep = live[rows].nonzero().squeeze(1)
+                    if len(keep) == 0:
+                        break
+                    if len(keep) < len(rows):
+                        if shared is not None:
+                            shared.select(keep)
+                        else:
+                            cache.batch_select_indices(keep)
+                        rows, nxt = rows[keep], nxt[keep]
                 ids = nxt[:, None]
-        for r, res_ in enumerate(out):
-            res_.probs, res_.ids = probs[r], greedy[r]
+            probs, greedy = probs.cpu().numpy(), greedy.cpu().numpy()
+        for r, res in enumerate(out):
+            seen = greedy[r] >= 0
+            res.probs, res.ids = probs[r][seen].tolist(), greedy[r][seen].tolist()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         torch = self.torch
@@ -451,6 +618,30 @@ class HFBackend(Backend):
         self.model = None
         self._vocab = None
         self._prefix_caches.clear()
+
+
+def chunk_rows(config: Any, budget: float, dtype_bytes: int, new_tokens: int, context: int,
+               reads: int, vocab_rows: int, max_tokens: int) -> int:
+    """How many sequences fit one forward pass in ``budget`` bytes of GPU memory.
+
+    Per sequence: the key/value cache of ``context`` positions (GPT-J's is about 12 times
+    GPT-2's per position), the attention scores and one layer's activations for
+    ``new_tokens``, and the float32 logits of ``reads`` positions; at most ``max_tokens``
+    new tokens in all.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = cfg.num_hidden_layers
+    hidden = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    inner = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+             or 4 * hidden)
+    kv = 2 * layers * kv_heads * head_dim * dtype_bytes * context
+    activations = new_tokens * (6 * hidden + 3 * inner + heads * context) * dtype_bytes
+    logits = reads * vocab_rows * 4 * 3  # logits, log-softmax and a temporary, float32
+    rows = int(budget // (kv + activations + logits))
+    return max(1, min(rows, max(1, max_tokens // max(1, new_tokens))))
 
 
 def tokenizer_vocab(tok: Any, n_rows: int | None = None) -> Vocab:
@@ -504,12 +695,17 @@ def _byte_level(tok: Any) -> bool:
     return any(p.get("type") == "ByteLevel" for p in parts)
 
 
-def _quiet_transformers() -> None:
-    """No per-tensor progress bars or warnings from transformers under our rich display."""
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars, warnings or log lines from transformers under the harness's own
+    display: its GGUF conversion draws a tqdm bar of its own, so stderr is held too."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:

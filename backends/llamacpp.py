@@ -443,7 +443,7 @@ class LlamaCppBackend(Backend):
         results = [ScoreResult() for _ in requests]
         good = []
         for i, req in enumerate(requests):
-            if problem := req.problem():
+            if problem := req.problem(self.n_vocab):
                 results[i].error = problem
             elif len(req.ids) > self.n_ctx:
                 results[i].error = f"{len(req.ids)} tokens is longer than n_ctx {self.n_ctx}"
@@ -481,7 +481,10 @@ class LlamaCppBackend(Backend):
         results = [ProbeResult() for _ in requests]
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[tuple(r.prefix)].append(i)
+            if problem := r.problem(self.n_vocab):
+                results[i].error = problem
+            else:
+                groups[tuple(r.prefix)].append(i)
         for prefix, idx in groups.items():
             sizes = [len(r.ids) + r.steps for r in requests]
             try:

@@ -973,14 +973,14 @@ class HFTokenizer:
         except ImportError:
             raise HarnessError("a Hugging Face tokenizer needs transformers: "
                                "pip install 'glitch-harness[hf]'") from None
-        from backends.hf import _quiet_transformers
+        from backends.hf import quiet_transformers
 
-        _quiet_transformers()
         try:
-            if path.is_dir():
-                self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            else:
-                self.tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+            with quiet_transformers():
+                if path.is_dir():
+                    self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                else:
+                    self.tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load a tokenizer from {path}: "
                                  f"{_first_line(exc)}") from None

@@ -21,7 +21,7 @@ from harness.backend import Capability, GenerateRequest
 from harness.detector import ERROR, OK, SUSPECT, Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe import PromptPlan, find_probe_set, plan_prompt
+from harness.probe import find_probe_set, plan_prompt
 
 
 class Determinism(Detector):
@@ -52,9 +52,8 @@ class Determinism(Detector):
             raise HarnessError("determinism needs trials of at least 2")
 
     def prepare(self, ctx: ScanContext) -> dict:
-        plan = plan_prompt(self.template, self.label, ctx.backend.encode)
-        self.plan = PromptPlan(plan.label, tuple(ctx.backend.bos_ids()) + plan.prefix,
-                               plan.tail, plan.slots, plan.text)
+        self.plan = plan_prompt(self.template, self.label, ctx.backend.encode,
+                                ctx.backend.bos_ids())
         return {**self.options, "prompt_label": self.label}
 
     def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:

@@ -6,9 +6,11 @@ should start and over the next few greedy positions, maximised over the probe se
 completion, compared with the token's text after normalising quotes, case and hyphenation
 (seed 000's pattern matching).
 
-Work is cut where it cannot change a verdict: prompts run cheapest first (fewest tokens per
+Work is cut where it does not change a verdict: prompts run cheapest first (fewest tokens per
 probe after the shared prefix), and a token leaves the queue as soon as one prompt shows the
-model repeating it.
+model repeating it. A glitch token never leaves early, so the long prompts have scouts: their
+opening (16 of the 101 repeats, 2 of the 20 trials), asked first; a token the scout leaves
+below ``scout_below`` (far under the threshold) skips the long prompt.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.backend import Capability, GenerateRequest, ProbeRequest
+from harness.backend import Capability, GenerateRequest, ProbeRequest, ProbeResult
 from harness.detector import ERROR, GLITCH, OK, Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe import PromptPlan, find_probe_set, plan_prompt
+from harness.probe import PromptPlan, find_probe_set, plan_probe_set
 
 _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")
 
@@ -44,7 +46,7 @@ def repeats(token_text: str, completion: str) -> bool:
 
 
 class RepeatProbe(Detector):
-    """Verifies candidates by asking the model to repeat them.
+    """Verifies tokens by asking the model to repeat them.
 
     score: the token's highest probability at the repeat position and the next
     ``steps - 1`` greedy positions, over the prompts run (``logprob`` mode), or 1/0 for
@@ -53,14 +55,18 @@ class RepeatProbe(Detector):
     """
 
     name = "repeat-probe"
-    version = "1"
+    version = "2"
     description = "asks the model to repeat each token (probe sets verify-3, repeat-12, n-shot)"
     requires = frozenset({Capability.GENERATE})
     suspicious_when = "low"
     behavioural = True
     verifies = True
     defaults = {"probes": "verify-3", "threshold": 0.01, "steps": 3, "mode": "auto",
-                "order": "cost", "max_new_tokens": 12, "batch": 256}
+                "order": "cost", "max_new_tokens": 12, "batch": 256, "scout_below": 1e-5}
+    # the verdict of a token no prompt showed the model repeating
+    unrepeated: ClassVar[str] = GLITCH
+    # store each prompt's greedy completion and whether the first prompt re-encodes
+    details: ClassVar[bool] = True
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -72,17 +78,13 @@ class RepeatProbe(Detector):
             opts["mode"] = ("logprob" if Capability.SCORE in ctx.backend.capabilities
                             else "text")
         if opts["mode"] not in ("logprob", "text"):
-            raise HarnessError(f"repeat-probe mode must be auto, logprob or text, "
+            raise HarnessError(f"{self.name} mode must be auto, logprob or text, "
                                f"not {opts['mode']!r}")
         if opts["mode"] == "logprob" and Capability.SCORE not in ctx.backend.capabilities:
             raise HarnessError(f"backend {ctx.backend.name!r} cannot score: use mode=text")
         if opts["order"] not in ("cost", "given"):
-            raise HarnessError("repeat-probe order must be cost or given")
-        bos = ctx.backend.bos_ids()
-        plans = [plan_prompt(t, lab, ctx.backend.encode)
-                 for t, lab in zip(self.probe_set.templates, self.probe_set.labels, strict=True)]
-        self.plans = [PromptPlan(p.label, tuple(bos) + p.prefix, p.tail, p.slots, p.text)
-                      for p in plans]
+            raise HarnessError(f"{self.name} order must be cost or given")
+        self.plans = plan_probe_set(self.probe_set, ctx.backend.encode, ctx.backend.bos_ids())
         limit = ctx.backend.context_length()
         if limit is not None:
             fits = [p for p in self.plans
@@ -95,9 +97,13 @@ class RepeatProbe(Detector):
         if opts["order"] == "cost":  # cheapest first: fewest tokens per probe after the prefix
             self.plans.sort(key=lambda p: len(p.tail))
         opts["prompt_order"] = [p.label for p in self.plans]
+        scouts = [s for s in self.probe_set.scouts if s is not None]
         opts["templates_sha"] = hashlib.sha256(
-            "\x00".join(self.probe_set.templates).encode()).hexdigest()[:16]
+            "\x00".join(self.probe_set.templates + tuple(scouts)).encode()).hexdigest()[:16]
+        if opts["mode"] == "text" or not scouts:
+            opts["scout_below"] = 0.0  # scouts read probabilities; text mode has none
         self.mode = opts["mode"]
+        self.scout_below = float(opts["scout_below"])
         return opts
 
     def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
@@ -109,21 +115,28 @@ class RepeatProbe(Detector):
             else:
                 yield self._text_batch(ctx, batch)
 
-    def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int]], list],
-                 repeated: Callable[[int, PromptPlan, Any], bool]
+    def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int], bool], list],
+                 repeated: Callable[[int, PromptPlan, Any], bool],
+                 scouted: Callable[[int, PromptPlan, Any], bool] | None = None
                  ) -> tuple[dict[int, str], dict[int, str]]:
         """Run the prompts in order on the tokens not yet decided; ``ask`` answers a prompt
-        for some tokens (results with ``error``), ``repeated`` records an answer and says
-        whether it shows the model repeating the token. Returns the deciding prompt per
-        decided token and the last error per token that had one."""
+        (or, with its last argument true, the prompt's scout) for some tokens (results with
+        ``error``), ``repeated`` records an answer and says whether it shows the model
+        repeating the token; ``scouted`` records a scout's answer and says whether the token
+        skips the long prompt. Returns the deciding prompt per decided token and the last
+        error per token that had one."""
         decided: dict[int, str] = {}
         errors: dict[int, str] = {}
         todo = list(batch)
         for plan in self.plans:
             if not todo:
                 break
-            still = []
-            for t, res in zip(todo, ask(plan, todo), strict=True):
+            asked, still = todo, []
+            if plan.scout is not None and scouted is not None:
+                asked = []
+                for t, res in zip(todo, ask(plan.scout, todo, True), strict=True):
+                    (still if not res.error and scouted(t, plan, res) else asked).append(t)
+            for t, res in zip(asked, ask(plan, asked, False) if asked else [], strict=True):
                 if res.error:
                     errors[t] = res.error
                     still.append(t)
@@ -134,8 +147,7 @@ class RepeatProbe(Detector):
             todo = still
         return decided, errors
 
-    @staticmethod
-    def _verdict(t: int, decided: dict[int, str], errors: dict[int, str],
+    def _verdict(self, t: int, decided: dict[int, str], errors: dict[int, str],
                  evidence: dict) -> str:
         if t in decided:
             evidence["repeated_in"] = decided[t]
@@ -143,42 +155,60 @@ class RepeatProbe(Detector):
         if t in errors:
             evidence["error"] = errors[t]
             return ERROR
-        return GLITCH
+        return self.unrepeated
 
     def _logprob_batch(self, ctx: ScanContext, batch: list[int]) -> list[Finding]:
         be = ctx.backend
         thr = float(self.options["threshold"])
         steps = int(self.options["steps"])
         probs: dict[int, dict[str, float]] = {t: {} for t in batch}
+        scout_p: dict[int, dict[str, float]] = {t: {} for t in batch}
         greedy: dict[int, dict[str, list[int]]] = {t: {} for t in batch}
 
-        def ask(plan: PromptPlan, todo: list[int]) -> list:
-            return be.probe([ProbeRequest(plan.tail_for(t), t, steps, plan.prefix, thr)
-                             for t in todo])
+        def ask(plan: PromptPlan, todo: list[int], scout: bool) -> list[ProbeResult]:
+            # a scout reads one position: it only has to show the token far below threshold
+            return be.probe([ProbeRequest(plan.tail_for(t), t, 1 if scout else steps,
+                                          plan.prefix, thr) for t in todo])
 
-        def repeated(t: int, plan: PromptPlan, res: Any) -> bool:
+        def repeated(t: int, plan: PromptPlan, res: ProbeResult) -> bool:
             probs[t][plan.label] = res.max_prob
             greedy[t][plan.label] = res.ids
             return res.max_prob >= thr
 
-        decided, errors = self._cascade(batch, ask, repeated)
+        def scouted(t: int, plan: PromptPlan, res: ProbeResult) -> bool:
+            if res.max_prob >= self.scout_below:
+                return False
+            scout_p[t][plan.label] = res.max_prob
+            return True
+
+        decided, errors = self._cascade(batch, ask, repeated,
+                                        scouted if self.scout_below > 0 else None)
+        details = self._details(be, batch, greedy) if self.details else {}
+        findings = []
+        for t in batch:
+            evidence: dict[str, Any] = {"p": {k: _round(v) for k, v in probs[t].items()}}
+            if scout_p[t]:
+                evidence["scout"] = {k: _round(v) for k, v in scout_p[t].items()}
+            evidence.update(details.get(t, {}))
+            verdict = self._verdict(t, decided, errors, evidence)
+            values = list(probs[t].values()) + list(scout_p[t].values())
+            findings.append(Finding(t, max(values, default=math.nan), verdict, evidence))
+        return findings
+
+    def _details(self, be: Any, batch: list[int], greedy: dict[int, dict[str, list[int]]]
+                 ) -> dict[int, dict[str, Any]]:
+        """Each prompt's greedy completion as text, and whether the first prompt, decoded
+        and encoded again, gives the same ids (a text API would see it that way)."""
         first = self.plans[0]
         n_bos = len(be.bos_ids())
         prompts = [first.full_ids(t)[n_bos:] for t in batch]
         again = be.encode_batch(be.decode_batch(prompts))
-        reencodes = {t: list(a) == p for t, a, p in zip(batch, again, prompts, strict=True)}
         keys = [(t, lab) for t in batch for lab in greedy[t]]
         texts = dict(zip(keys, be.decode_batch([greedy[t][lab] for t, lab in keys]),
                          strict=True)) if keys else {}
-        findings = []
-        for t in batch:
-            evidence = {"p": {k: round(v, 6) for k, v in probs[t].items()},
-                        "completion": {lab: texts[(t, lab)] for lab in greedy[t]},
-                        "reencodes": reencodes[t]}
-            verdict = self._verdict(t, decided, errors, evidence)
-            findings.append(Finding(t, max(probs[t].values(), default=math.nan), verdict,
-                                    evidence))
-        return findings
+        return {t: {"completion": {lab: texts[(t, lab)] for lab in greedy[t]},
+                    "reencodes": list(a) == p}
+                for t, a, p in zip(batch, again, prompts, strict=True)}
 
     def _text_batch(self, ctx: ScanContext, batch: list[int]) -> list[Finding]:
         be = ctx.backend
@@ -187,7 +217,7 @@ class RepeatProbe(Detector):
         bos = be.bos_ids()
         max_new = int(self.options["max_new_tokens"])
 
-        def ask(plan: PromptPlan, todo: list[int]) -> list:
+        def ask(plan: PromptPlan, todo: list[int], scout: bool) -> list:
             prompts = be.encode_batch([plan.token_text(texts[t]) for t in todo])
             return be.generate([GenerateRequest(bos + p, max_new) for p in prompts])
 
@@ -196,13 +226,18 @@ class RepeatProbe(Detector):
             return repeats(texts[t], res.text)
 
         decided, errors = self._cascade(batch, ask, repeated)
-        score = {OK: 1.0, ERROR: None, GLITCH: 0.0}
+        score = {OK: 1.0, ERROR: None, self.unrepeated: 0.0}
         findings = []
         for t in batch:
             evidence: dict = {"completion": completions[t]}
             verdict = self._verdict(t, decided, errors, evidence)
             findings.append(Finding(t, score[verdict], verdict, evidence))
         return findings
+
+
+def _round(p: float) -> float:
+    """Probabilities kept to 4 significant digits: tiny ones stay readable (3.2e-07)."""
+    return float(f"{p:.4g}") if math.isfinite(p) else p
 
 
 @hookimpl

@@ -50,12 +50,23 @@ class ScoreRequest:
     positions: Sequence[int]
     targets: Sequence[int]
 
-    def problem(self) -> str | None:
-        """Why this request cannot be scored, or None: every backend checks it the same way."""
+    def problem(self, n_rows: int | None = None) -> str | None:
+        """Why this request cannot be scored, or None: every backend checks it the same way
+        (``n_rows``: the model's embedding rows, where token ids must fall)."""
         if len(self.positions) != len(self.targets):
             return "positions and targets differ in length"
         bad = [p for p in self.positions if p < 1 or p > len(self.ids)]
-        return f"positions {bad} outside 1..{len(self.ids)}" if bad else None
+        if bad:
+            return f"positions {bad} outside 1..{len(self.ids)}"
+        return ids_problem([*self.ids, *self.targets], n_rows)
+
+
+def ids_problem(ids: Sequence[int], n_rows: int | None) -> str | None:
+    """Token ids outside ``0..n_rows - 1`` (which would crash or poison a GPU), or None."""
+    if n_rows is None:
+        return None
+    bad = sorted({int(t) for t in ids if not 0 <= t < n_rows})
+    return f"token ids {bad[:5]} outside the model's 0..{n_rows - 1}" if bad else None
 
 
 @dataclass
@@ -93,6 +104,12 @@ class ProbeRequest:
     steps: int = 3
     prefix: Sequence[int] = ()
     stop_at: float | None = None
+
+    def problem(self, n_rows: int | None = None) -> str | None:
+        """Why this request cannot be probed, or None (see ``ScoreRequest.problem``)."""
+        if not self.ids or self.steps < 1:
+            return "a probe needs at least one token and one step"
+        return ids_problem([*self.prefix, *self.ids, self.target], n_rows)
 
 
 @dataclass

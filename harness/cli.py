@@ -20,6 +20,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -60,12 +61,16 @@ class RichReporter(Reporter):
         task = self.progress.add_task(label, total=total)
         return lambda n: self.progress.advance(task, n)
 
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"[dim]{escape(message)}[/]", highlight=False)
+
 
 def _progress(transient: bool = False) -> Progress:
     """Progress bars on stderr; none when stderr is not a terminal (a log file, a pipe), where
     rich would only print their final state and a stray blank line before an error."""
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=err,
                     transient=transient, disable=not err.is_terminal)
 
 
@@ -101,11 +106,12 @@ def cmd_scan(
     fresh: Annotated[bool, typer.Option(
         help="Run every detector again instead of reusing stored runs.")] = False,
     full: Annotated[bool, typer.Option(
-        "--full", help="Run the behavioural detectors on every token, not the candidates.")]
-    = False,
-    candidates: Annotated[float, typer.Option(
-        help="Candidates per static detector: a fraction of the vocabulary (below 1) or a "
-             "count.")] = DEFAULT_CANDIDATES,
+        "--full", help="Every token through the behavioural detectors, no screen first (the "
+                       "exact path; slow).")] = False,
+    candidates: Annotated[float | None, typer.Option(
+        help="Budget mode: verify only the static detectors' most suspicious tokens, per "
+             f"detector a fraction of the vocabulary (below 1, e.g. {DEFAULT_CANDIDATES}) "
+             "or a count; no screen.")] = None,
     tokens: Annotated[str | None, typer.Option(
         help="Comma-separated token ids: run the behavioural detectors on exactly these.")]
     = None,
@@ -122,13 +128,12 @@ def cmd_scan(
     timeout: Annotated[float | None, typer.Option(
         help="Seconds before a request is retried (openai backend; default 60).")] = None,
 ) -> None:
-    """Scan MODEL: static detectors on every token, behavioural detectors on the
-    candidates, and one final verdict per token."""
+    """Scan MODEL: static detectors on every token, a behavioural screen of every token,
+    verification of what it does not settle and of what the static detectors flag, and one
+    final verdict per token."""
     names = [d.strip() for d in detectors.split(",") if d.strip()]
     if not names:
         raise HarnessError("--detectors names no detector")
-    if candidates <= 0:
-        raise HarnessError("--candidates must be positive")
     token_ids = None
     if tokens is not None:
         try:
@@ -149,7 +154,10 @@ def cmd_scan(
     out.print(f"[bold]{escape(result.ref.alias or result.ref.ref)}[/] "
               f"({escape(result.ref.ref)}), {result.vocab_size} tokens, "
               f"model loaded in {result.load_s:.1f} s")
-    if result.candidates is not None:
+    if result.screened is not None:
+        out.print(f"  every token screened; {result.candidates:,} verified (not settled by "
+                  "the screen, or flagged by a static detector)")
+    elif result.candidates is not None:
         scope = "every token" if result.candidates == result.vocab_size else \
             f"{result.candidates} tokens"
         out.print(f"  behavioural detectors ran on {scope}")
@@ -249,8 +257,9 @@ def cmd_compare(
     db: DbOption = None,
     stored: Annotated[bool, typer.Option(
         "--stored", help="Compare what is stored; scan nothing, load no model.")] = False,
-    candidates: Annotated[float, typer.Option(
-        help="Candidates per static detector where a scan is needed.")] = DEFAULT_CANDIDATES,
+    candidates: Annotated[float | None, typer.Option(
+        help="Where a scan is needed, the budget mode: candidates per static detector.")]
+    = None,
     fmt: Annotated[str, typer.Option(
         "--format", help="table, json, csv or markdown.")] = "table",
     top: Annotated[int, typer.Option(help="How many tokens to list per set.")] = 15,

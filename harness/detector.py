@@ -83,9 +83,11 @@ class Detector:
     Subclasses set ``name``, ``version`` (bump it when results change), ``requires`` (the
     backend capabilities needed), ``suspicious_when`` (``"low"`` or ``"high"`` scores are the
     glitchy end) and ``defaults`` (options and their default values), and implement ``run``.
-    ``behavioural`` detectors run the model on prompts; a scan runs them on its candidates
-    (or, with ``--full``, every token) after the static ones. A detector that ``verifies``
-    gives the final word: its ``glitch`` and ``ok`` decide the scan's verdict of a token.
+    ``behavioural`` detectors run the model on prompts, after the static ones. A detector
+    that ``screens`` is a cheap behavioural first stage run on every token: its ``ok``
+    settles a token, and a scan sends every token it flags on to the other behavioural
+    detectors. A detector that ``verifies`` gives the final word: its ``glitch`` and ``ok``
+    decide the scan's verdict of a token.
     """
 
     name: ClassVar[str]
@@ -95,6 +97,7 @@ class Detector:
     suspicious_when: ClassVar[Literal["low", "high"]] = "low"
     defaults: ClassVar[dict[str, Any]] = {}
     behavioural: ClassVar[bool] = False
+    screens: ClassVar[bool] = False  # a first stage on every token (repeat-screen)
     verifies: ClassVar[bool] = False  # its glitch/ok verdict is final (repeat-probe)
 
     def __init__(self, **options: Any) -> None:

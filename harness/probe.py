@@ -9,7 +9,7 @@ encoded template, so the token under test is always exactly one token, as Land &
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 TOKEN_SLOT = "{token}"
 REPEAT_MARK = "{repeat}"
@@ -21,16 +21,24 @@ _PLACEHOLDERS = ("X", "Z", "Q", "@", "#", "A", "0")
 @dataclass(frozen=True)
 class ProbeSet:
     """A named list of prompt templates (see the module docstring), with a label for each
-    template and, optionally, a list of tokens known to be glitchy as ``(id, text)``."""
+    template and, optionally, a list of tokens known to be glitchy as ``(id, text)``.
+
+    ``scouts`` may give, per template, a shorter template of the same kind (``None`` where
+    there is none): a verifier may ask it first and skip the long prompt for a token the
+    short one leaves far below the threshold (see ``repeat-probe``'s ``scout_below``)."""
 
     name: str
     description: str
     templates: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     known_tokens: tuple[tuple[int, str], ...] = field(default=())
+    scouts: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
-        for t in self.templates:
+        if self.scouts and len(self.scouts) != len(self.templates):
+            raise ValueError(f"probe set {self.name!r}: {len(self.scouts)} scouts for "
+                             f"{len(self.templates)} templates")
+        for t in self.templates + tuple(s for s in self.scouts if s is not None):
             if TOKEN_SLOT not in t or not t.endswith(REPEAT_MARK) or t.count(REPEAT_MARK) != 1:
                 raise ValueError(f"probe set {self.name!r}: template {t[:60]!r}... needs "
                                  f"{TOKEN_SLOT} and must end with {REPEAT_MARK}")
@@ -52,6 +60,7 @@ class PromptPlan:
     tail: tuple[int, ...]
     slots: tuple[int, ...]
     text: str
+    scout: PromptPlan | None = None  # a shorter prompt of the same kind (see ProbeSet.scouts)
 
     def tail_for(self, token_id: int) -> list[int]:
         ids = list(self.tail)
@@ -78,13 +87,28 @@ def find_probe_set(name: str) -> ProbeSet:
     return probes[name][0]
 
 
-def plan_prompt(template: str, label: str,
-                encode: Callable[[str], list[int]]) -> PromptPlan:
-    """Encode ``template`` once with a placeholder token at every slot.
+def plan_prompt(template: str, label: str, encode: Callable[[str], list[int]],
+                bos: Sequence[int] = ()) -> PromptPlan:
+    """Encode ``template`` once with a placeholder token at every slot; ``bos`` (what the
+    tokenizer puts before a text) starts the shared prefix.
 
     Falls back to encoding the pieces between slots separately when no placeholder stays a
     single token everywhere (tokenizers that merge it with its neighbours).
     """
+    plan = _plan(template, label, encode)
+    return replace(plan, prefix=tuple(bos) + plan.prefix)
+
+
+def plan_probe_set(probe_set: ProbeSet, encode: Callable[[str], list[int]],
+                   bos: Sequence[int] = ()) -> list[PromptPlan]:
+    """Every template of ``probe_set`` planned, each with its scout where it has one."""
+    scouts = probe_set.scouts or (None,) * len(probe_set.templates)
+    return [replace(plan_prompt(t, lab, encode, bos),
+                    scout=None if s is None else plan_prompt(s, f"{lab}:scout", encode, bos))
+            for t, lab, s in zip(probe_set.templates, probe_set.labels, scouts, strict=True)]
+
+
+def _plan(template: str, label: str, encode: Callable[[str], list[int]]) -> PromptPlan:
     body = template[: -len(REPEAT_MARK)]
     n_slots = body.count(TOKEN_SLOT)
     for ph in _PLACEHOLDERS:

@@ -199,13 +199,14 @@ def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
 
 def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: int) -> None:
     """Fill the glitch-token table (or the suspect / flagged ones) and the glitch sets."""
-    evidence_run: int | None = None
+    evidence_runs: list[int] = []
     if rep.final is not None:
         used = rep.final.options.get("runs", {})  # the runs this verdict was drawn from
         for n in verifying or [DEFAULT_VERIFIER]:
             if n in used or n in rep.runs:
                 rep.verifier = n
-                evidence_run = int(used.get(n) or rep.runs[n].run_id)
+                ids = used.get(n) or [rep.runs[n].run_id]
+                evidence_runs = [int(r) for r in (ids if isinstance(ids, list) else [ids])]
                 break
     with engine.connect() as conn:
         if rep.final is not None:
@@ -237,14 +238,15 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
         rep.rows_total = len(found)
         shown = found[:cap]
         evidence: dict[int, dict] = {}
-        if evidence_run is not None and shown:
+        if evidence_runs and shown:  # each token's latest verifier finding
             ids = [int(r[0]) for r in shown]
+            runs = ",".join("?" * len(evidence_runs))
             for i in range(0, len(ids), 500):
                 part = ids[i:i + 500]
                 for t, ev in conn.exec_driver_sql(
-                        "SELECT token_id, evidence_json FROM findings WHERE run_id = ? AND "
-                        f"token_id IN ({','.join('?' * len(part))})",
-                        (evidence_run, *part)).fetchall():
+                        f"SELECT token_id, evidence_json FROM findings WHERE run_id IN ({runs}) "
+                        f"AND token_id IN ({','.join('?' * len(part))}) ORDER BY run_id",
+                        (*evidence_runs, *part)).fetchall():
                     evidence[int(t)] = _json(ev)
     flagged_by = {}
     for det, run in rep.runs.items():

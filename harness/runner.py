@@ -26,15 +26,18 @@ from harness.errors import HarnessError
 from harness.plugins import Registry, registry
 from harness.refs import ResolvedRef, resolve
 from harness.schema import Model, Run
+from harness.summary import run_arrays
 from harness.vocab import Vocab, analyze
 
-DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-probe",
-                     "repeated-sequence")
+DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-screen",
+                     "repeat-probe")
 DEFAULT_STATIC = ("embedding-centroid", "unembedding-cosine")
-DEFAULT_CANDIDATES = 0.02  # per static indicator, as a fraction of the vocabulary
+DEFAULT_SCREEN = "repeat-screen"
+DEFAULT_CANDIDATES = 0.02  # budget mode: per static indicator, a fraction of the vocabulary
 VERDICT = "verdict"  # the pseudo-detector whose run holds the final verdict of every token
-VERDICT_VERSION = "1"
+VERDICT_VERSION = "2"
 FLAGGED = ("glitch", "suspect")
+BUDGET_HINT_S = 15 * 60  # past this estimate, a scan points at the budget mode
 
 
 class Reporter:
@@ -45,6 +48,9 @@ class Reporter:
 
     def start(self, label: str, total: int) -> Callable[[int], None]:
         return lambda n: None
+
+    def note(self, message: str) -> None:
+        """A line worth telling the user while the scan runs (estimates, the plan)."""
 
 
 @dataclass
@@ -66,6 +72,7 @@ class ScanResult:
     load_s: float
     outcomes: list[DetectorOutcome] = field(default_factory=list)
     candidates: int | None = None  # how many tokens the behavioural detectors examined
+    screened: int | None = None  # how many tokens a screen examined first (the default)
     verdict: DetectorOutcome | None = None
 
 
@@ -153,10 +160,23 @@ def scope_key(scope: np.ndarray | None) -> str:
     return f"{len(scope)} tokens:{digest}"
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``2.3 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanContext,
-                 reporter: Reporter, fresh: bool = False) -> DetectorOutcome:
+                 reporter: Reporter, fresh: bool = False, hint: str | None = None
+                 ) -> DetectorOutcome:
     """Run one detector on the tokens of ``ctx.scope`` (default: all), reusing a finished
-    run with the same model, detector version, options and scope, or resuming one."""
+    run with the same model, detector version, options and scope, or resuming one.
+
+    After the first batch of a long run, the reporter gets an estimate of the time left
+    (with ``hint`` appended when it is long)."""
     scope = ctx.scope_ids()
     n = len(scope)
     missing = detector.missing_capabilities(ctx.backend)
@@ -213,9 +233,17 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
     advance(n - len(todo))
     count = 0
     ctx.progress = advance
+    started = time.perf_counter()
     try:
         for batch in detector.run(ctx, todo):
             _insert_findings(engine, run_id, batch)
+            if count == 0 and len(batch) < len(todo):
+                rate = len(batch) / max(time.perf_counter() - started, 1e-9)
+                left = (len(todo) - len(batch)) / rate
+                if left > 60:
+                    reporter.note(f"{detector.name}: {len(todo):,} tokens at {rate:,.1f} "
+                                  f"tokens/s, about {duration(left)} to go"
+                                  + (f"; {hint}" if hint and left > BUDGET_HINT_S else ""))
             count += len(batch)
             advance(len(batch))
     except (KeyboardInterrupt, SystemExit):
@@ -264,18 +292,56 @@ def select_candidates(engine: Engine, run_ids: Sequence[int], n_vocab: int,
     return np.array(sorted(picked), dtype=np.int64)
 
 
-def record_verdicts(engine: Engine, model_id: int, n_vocab: int,
-                    runs: dict[str, tuple[int, Detector]], fresh: bool = False
-                    ) -> DetectorOutcome:
-    """One final verdict per token, from the scan's runs, stored as a run of its own.
+def flagged_tokens(engine: Engine, run_ids: Sequence[int]) -> np.ndarray:
+    """The tokens any of ``run_ids`` flagged (``glitch``, ``suspect``) or failed on."""
+    if not run_ids:
+        return np.zeros(0, dtype=np.int64)
+    marks = ", ".join("?" * len(run_ids))
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            f"SELECT DISTINCT token_id FROM findings WHERE run_id IN ({marks}) "
+            "AND verdict IN ('glitch', 'suspect', 'error')", tuple(run_ids)).fetchall()
+    return np.array(sorted(t for (t,) in rows), dtype=np.int64)
 
-    ``glitch`` when a verifying detector (repeat-probe) says so; ``error`` when it failed on
-    the token; ``ok`` when it verified the token and no other behavioural detector flagged
-    it; else ``suspect`` when any run flagged the token; else ``ok``. The score is the
-    verifying detector's score (the repeat probability) where it examined the token.
+
+def latest_findings(conn: Any, run_ids: Sequence[int], size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, the verdict ("" where none) and score (NaN) of the latest of ``run_ids``
+    that examined it."""
+    verdicts = np.full(size, "", dtype=object)
+    scores = np.full(size, np.nan)
+    for run_id in sorted(run_ids):
+        s, v = run_arrays(conn, run_id, size)
+        seen = v != ""
+        verdicts[seen], scores[seen] = v[seen], s[seen]
+    return verdicts, scores
+
+
+def record_verdicts(engine: Engine, model_id: int, n_vocab: int, reg: Registry,
+                    fresh: bool = False) -> DetectorOutcome | None:
+    """One final verdict per token from every detector's finished runs on the model,
+    whichever scan wrote them, stored as a run of its own (None while no behavioural
+    detector has finished a run on the model).
+
+    Per detector and token the latest finding counts. ``glitch`` when a verifying detector
+    (repeat-probe) says so; ``error`` when it failed on the token (or, unverified, a screen
+    did); ``ok`` when it verified the token and no other behavioural detector flagged it;
+    else ``suspect`` when any detector flagged the token (a screen's flag counts until the
+    token is verified); else ``ok``. The score is the verifier's (the repeat probability)
+    where it examined the token.
     """
     t0 = time.perf_counter()
-    opts = {"runs": {name: rid for name, (rid, _) in sorted(runs.items())}, "rule": "v1"}
+    with engine.connect() as conn:
+        done = conn.execute(select(Run.id, Run.detector).where(
+            Run.model_id == model_id, Run.status == "done", Run.detector != VERDICT)
+            .order_by(Run.id)).all()
+    runs: dict[str, list[int]] = {}
+    for run_id, name in done:
+        runs.setdefault(name, []).append(run_id)
+    kinds = {name: reg.detectors[name][0] if name in reg.detectors else None for name in runs}
+    if not any(cls is not None and cls.behavioural for cls in kinds.values()):
+        return None
+    opts = {"runs": runs, "rule": "v2"}
     key = options_key(opts)
     base = {"model_id": model_id, "detector": VERDICT, "detector_version": VERDICT_VERSION,
             "harness_version": __version__, "suspicious_when": "low"}
@@ -288,40 +354,34 @@ def record_verdicts(engine: Engine, model_id: int, n_vocab: int,
         run_id = conn.execute(Run.__table__.insert().values(
             **base, options_json=json.dumps(opts), options_key=key, status="running",
             started_utc=now())).inserted_primary_key[0]
-    verdict = np.full(n_vocab, "ok", dtype=object)
-    score = np.full(n_vocab, np.nan)
-    flagged_by: list[list[str]] = [[] for _ in range(n_vocab)]
     flagged = np.zeros(n_vocab, dtype=bool)
     behaviour_flag = np.zeros(n_vocab, dtype=bool)
-    checked = np.zeros(n_vocab, dtype=bool)
-    glitch = np.zeros(n_vocab, dtype=bool)
-    error = np.zeros(n_vocab, dtype=bool)
+    screen_error = np.zeros(n_vocab, dtype=bool)
+    flagged_by: dict[int, list[str]] = {}
+    verified = np.full(n_vocab, "", dtype=object)
+    score = np.full(n_vocab, np.nan)
     with engine.connect() as conn:
-        for name, (rid, det) in runs.items():
-            rows = conn.exec_driver_sql(
-                "SELECT token_id, verdict, score FROM findings WHERE run_id = ?",
-                (rid,)).fetchall()
-            if not rows:
-                continue
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            verd = np.array([r[1] for r in rows], dtype=object)
+        verifiers = [rid for name, ids in runs.items() if kinds[name] is not None
+                     and kinds[name].verifies for rid in ids]
+        verified, score = latest_findings(conn, verifiers, n_vocab)
+        for name, ids in sorted(runs.items()):
+            cls = kinds[name]
+            verd, _ = latest_findings(conn, ids, n_vocab)
             hit = np.isin(verd, FLAGGED)
-            flagged[ids[hit]] = True
-            for t in ids[hit].tolist():
-                flagged_by[t].append(name)
-            if det.verifies:
-                glitch[ids[verd == "glitch"]] = True
-                error[ids[verd == "error"]] = True
-                checked[ids[verd == "ok"]] = True
-                score[ids] = np.array([np.nan if r[2] is None else r[2] for r in rows])
-            elif det.behavioural:
-                behaviour_flag[ids[hit]] = True
+            flagged |= hit
+            for t in np.flatnonzero(hit).tolist():
+                flagged_by.setdefault(t, []).append(name)
+            if cls is not None and cls.screens:
+                screen_error |= verd == "error"
+            elif cls is not None and cls.behavioural and not cls.verifies:
+                behaviour_flag |= hit
+    verdict = np.full(n_vocab, "ok", dtype=object)
     verdict[flagged] = "suspect"
-    verdict[checked & ~behaviour_flag] = "ok"
-    verdict[error] = "error"
-    verdict[glitch] = "glitch"
+    verdict[(verified == "ok") & ~behaviour_flag] = "ok"
+    verdict[(verified == "error") | ((verified == "") & screen_error)] = "error"
+    verdict[verified == "glitch"] = "glitch"
     _insert_findings(engine, run_id, [
-        Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by[t]})
+        Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by.get(t, [])})
         for t in range(n_vocab)])
     wall = time.perf_counter() - t0
     _finish(engine, run_id, "done", None, wall)
@@ -332,22 +392,35 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
          backend: str | None = None, backend_options: dict[str, Any] | None = None,
          detector_options: dict[str, dict[str, Any]] | None = None, fresh: bool = False,
          reporter: Reporter | None = None, full: bool = False,
-         candidates: float = DEFAULT_CANDIDATES,
+         candidates: float | None = None,
          tokens: Sequence[int] | None = None) -> ScanResult:
     """Scan ``model`` and store everything in ``engine``'s database.
 
-    The static detectors run on the whole vocabulary; the behavioural ones on the candidates
-    the static runs point at (``full``: every token; ``tokens``: exactly these), and a final
-    verdict per token is stored as a run of the pseudo-detector ``verdict``.
+    The static detectors run on the whole vocabulary. By default every token is then
+    examined behaviourally: the screen (``repeat-screen``) runs on every token, and the other
+    behavioural detectors on every token it does not settle and every token a static
+    detector flags. ``candidates`` (the budget mode) runs them on the static detectors' most
+    suspicious tokens instead, ``full`` on every token (no screen: the exact path), and
+    ``tokens`` on exactly these. A final verdict per token, from every detector's latest
+    finished runs on the model, is stored as a run of the pseudo-detector ``verdict``.
     """
     reporter = reporter or Reporter()
+    if sum([full, candidates is not None, tokens is not None]) > 1:
+        raise HarnessError("--full, --candidates and --tokens each pick the tokens to "
+                           "examine: give one of them")
+    if candidates is not None and candidates <= 0:
+        raise HarnessError("--candidates must be positive")
     reg = registry()
     names = list(detectors)
     dets = make_detectors(names, reg, detector_options or {})
-    if (any(d.behavioural for d in dets) and not full and tokens is None
-            and not any(not d.behavioural for d in dets)):
-        # behavioural detectors need candidates: the default static detectors pick them
-        dets = make_detectors(list(DEFAULT_STATIC), reg, {}) + dets
+    verifying = any(d.behavioural and not d.screens for d in dets)
+    if verifying and not full and tokens is None:
+        # whole-vocabulary pipeline: a screen and the static flags pick what to verify;
+        # budget mode: the static scores pick it
+        extra = [n for n in DEFAULT_STATIC if n not in names]
+        if candidates is None and not any(d.screens for d in dets):
+            extra.append(DEFAULT_SCREEN)
+        dets = make_detectors(extra, reg, {}) + dets
     ref = resolve(model, reg, backend)
     t0 = time.perf_counter()
     with reporter.status(f"loading {ref.alias or ref.ref}"):
@@ -357,14 +430,14 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
         vocab = be.vocab()
         model_id, cats, key = store_model(engine, ref, be, vocab, reporter)
         result = ScanResult(model_id, ref, key, len(vocab), load_s)
-        done: dict[str, tuple[int, Detector]] = {}
+        this_scan: dict[str, tuple[int, Detector]] = {}
 
-        def run(det: Detector, scope: np.ndarray | None) -> None:
+        def run(det: Detector, scope: np.ndarray | None, hint: str | None = None) -> None:
             ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope)
-            outcome = run_detector(engine, model_id, det, ctx, reporter, fresh)
+            outcome = run_detector(engine, model_id, det, ctx, reporter, fresh, hint)
             result.outcomes.append(outcome)
             if outcome.status in ("done", "reused", "resumed", "retried"):
-                done[det.name] = (outcome.run_id, det)
+                this_scan[det.name] = (outcome.run_id, det)
 
         for det in dets:
             if not det.behavioural:
@@ -377,20 +450,31 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
                 if bad:
                     raise HarnessError(f"token ids {bad[:5]} are outside 0..{len(vocab) - 1}")
                 scope = np.unique(np.asarray(tokens, dtype=np.int64))
-            elif not full:
-                static_runs = [rid for rid, d in done.values() if not d.behavioural]
+            elif candidates is not None:
+                static_runs = [rid for rid, d in this_scan.values() if not d.behavioural]
                 if not static_runs:
                     raise HarnessError(
                         f"no static detector could run on backend {be.name!r} to pick "
-                        "candidates: name tokens with --tokens, or probe all with --full")
+                        "candidates: name tokens with --tokens, or leave out --candidates "
+                        "to examine every token")
                 scope = select_candidates(engine, static_runs, len(vocab), candidates)
+            elif not full:
+                hint = (f"--candidates {DEFAULT_CANDIDATES} verifies only the static "
+                        "detectors' most suspicious tokens")
+                for det in [d for d in behavioural if d.screens]:
+                    run(det, None, hint)
+                    result.screened = len(vocab)
+                behavioural = [d for d in behavioural if not d.screens]
+                scope = flagged_tokens(engine, [rid for rid, _ in this_scan.values()])
+                if behavioural:
+                    reporter.note(f"verifying {len(scope):,} of {len(vocab):,} tokens: those "
+                                  "the screen did not settle and those a static detector "
+                                  "flagged")
             result.candidates = len(vocab) if scope is None else len(scope)
             for det in behavioural:
                 run(det, scope)
-            if any(d.behavioural for _, d in done.values()):
-                changed = any(o.status != "reused" for o in result.outcomes)
-                result.verdict = record_verdicts(engine, model_id, len(vocab), done,
-                                                 fresh or changed)
+        changed = any(o.status != "reused" for o in result.outcomes)
+        result.verdict = record_verdicts(engine, model_id, len(vocab), reg, fresh or changed)
         return result
     finally:
         be.close()

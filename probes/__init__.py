@@ -39,26 +39,52 @@ N_SHOT = ProbeSet(
     labels=("n-shot-20",),
 )
 
-# Three prompts in the style of Land & Bartolo's verification ("Fishing for Magikarp", 2024):
-# a copying device shown many identical trials, an assistant asked what the token means, and
-# the token repeated over and over. Their measure: the token's highest probability over the
-# first few greedily generated positions, maximised over the prompts.
+# Land & Bartolo's verification ("Fishing for Magikarp", 2024), word for word as their
+# published code builds it (magikarp/fishing.py): an assistant asked what the token means, the
+# token repeated 101 times, and a copying device shown twenty identical trials. Their measure:
+# the token's highest probability over the first three greedily generated positions, maximised
+# over the prompts; a token below 0.01 on all three is verified as a glitch token.
+_ASSISTANT = ("This helpful assistant explains what a phrase means, replying with identical "
+              "responses to identical questions for reliability.\nUser: What does 'edslfkj' "
+              "mean?\nAssistant: 'edslfkj' has no specific meaning I am aware of.\nUser: what "
+              "does '{token}' mean?\nAssistant: '{repeat}")
+
+
+def _repeats(copies: int) -> str:
+    return ("Below is the output, as you can see it's just giving the same phrase repeated "
+            "indefinitely:\n" + "{token}" * copies + "{repeat}")
+
+
+def _device(trials: int) -> str:
+    return ("This device repeats its input exactly, as shown in these 100 identical trials."
+            + "\nInput: «{token}»\nOutput: «{token}»" * trials
+            + "\nInput: «{token}»\nOutput: «{repeat}")
+
+
 VERIFY_3 = ProbeSet(
     name="verify-3",
-    description="Land & Bartolo-style verification: a copying device, an assistant asked "
-                "what the token means, and the token repeated many times",
-    templates=(
-        "This helpful assistant explains what a phrase means, and always gives identical "
-        "answers to identical questions.\nUser: What does 'zqvxlj' mean?\nAssistant: "
-        "'zqvxlj' has no meaning that I know of.\nUser: What does '{token}' mean?\n"
-        "Assistant: '{repeat}",
-        "Below, the same phrase is simply repeated over and over again:\n"
-        + "{token}" * 101 + "{repeat}",
-        "This device repeats its input exactly, as these twenty identical trials show."
-        + "\nInput: «{token}»\nOutput: «{token}»" * 20
-        + "\nInput: «{token}»\nOutput: «{repeat}",
-    ),
+    description="Land & Bartolo's three verification prompts, as published: an assistant asked "
+                "what the token means, the token repeated 101 times, a copying device",
+    templates=(_ASSISTANT, _repeats(101), _device(20)),
     labels=("assistant-explain", "repeats", "input-output"),
+    # the long prompts' openings: a token they leave far below the threshold skips the rest
+    scouts=(None, _repeats(16), _device(2)),
+)
+
+# The first stage of a whole-vocabulary scan: short prompts that keep the quoted repeat
+# context. In the pair list the token under test is two tokens (itself and the closing
+# quote with the comma) after a shared prefix, so a forward pass costs two positions a token.
+_PAIRS = ("cat", " the", "ing", "))", "Class", "42", " dec", "ér", "_id", " Paris")
+SCREEN = ProbeSet(
+    name="screen",
+    description="the whole-vocabulary first stage: a list of words each written twice in "
+                "quotes, then the token repeated six times",
+    templates=(
+        "Each item is a word and its exact copy:\n["
+        + ",".join(f'["{w}","{w}"]' for w in _PAIRS) + ',["{token}","{repeat}',
+        _repeats(6),
+    ),
+    labels=("pair-list", "repeats-6"),
 )
 
 
@@ -67,3 +93,4 @@ def register_probes(register):
     register(REPEAT_12)
     register(N_SHOT)
     register(VERIFY_3)
+    register(SCREEN)

@@ -261,21 +261,33 @@ def generate_only():
 
 def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, harness_home,
                                               generate_only):
-    # no embeddings, so no static detector can pick candidates: one clear line
-    code, _, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only")
+    # no embeddings, so no static detector can pick budget-mode candidates: one clear line
+    code, _, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only",
+                       "--candidates", "0.02")
     assert code == 2 and "--tokens" in err and err.strip().count("\n") == 0, err
-    code, out, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only",
-                         "--tokens", "5,20,290")
+    # the default still examines every token: the screen compares greedy text too
+    code, out, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only")
     assert code == 0, err
     db = harness_home / "results.db"
     runs = dict(rows(db, "SELECT detector, status FROM runs ORDER BY id"))
     assert runs == {"embedding-centroid": "skipped", "unembedding-cosine": "skipped",
-                    "repeat-probe": "done", "repeated-sequence": "skipped", "verdict": "done"}
+                    "repeat-screen": "done", "repeat-probe": "done", "verdict": "done"}
+    screened = rows(db, "SELECT count(*) FROM latest_findings WHERE detector = "
+                        "'repeat-screen'")
+    unsettled = rows(db, "SELECT token_id FROM latest_findings WHERE detector = "
+                         "'repeat-screen' AND verdict != 'ok' ORDER BY token_id")
+    verified = rows(db, "SELECT token_id FROM latest_findings WHERE detector = "
+                        "'repeat-probe' ORDER BY token_id")
+    assert screened == [(TINY_ROWS,)] and unsettled == verified
+    code, out, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only",
+                         "--tokens", "5,20,290", "-d", "repeat-probe")
+    assert code == 0, err
     (opts,) = rows(db, "SELECT options_json FROM runs WHERE detector = 'repeat-probe'")[0]
     assert json.loads(opts)["mode"] == "text"
     found = rows(db, "SELECT token_id, verdict, evidence_json FROM latest_findings "
                      "WHERE detector = 'repeat-probe'")
     assert [t for t, *_ in found] == [5, 20, 290]
+    assert rows(db, "SELECT count(*) FROM final_verdicts") == [(TINY_ROWS,)]
     assert all(json.loads(e)["completion"] for *_, e in found)
 
 

@@ -88,3 +88,151 @@ def test_fingerprint_is_stable_and_carries_dtype(tiny, tiny_model_dir):
     assert fp.source.startswith("folder:") and fp.dtype == "float32"
     assert HFBackend(str(tiny_model_dir)).fingerprint() == fp
     assert HFBackend(str(tiny_model_dir), dtype="bfloat16").fingerprint().key() != fp.key()
+
+
+# --- the CUDA path's weak spots, checked on the CPU -----------------------------------------
+
+
+def _oom_above(monkeypatch, backend, method: str, rows: int, arg: int = 1) -> list:
+    """Make ``method`` raise CUDA's out-of-memory error on more than ``rows`` items (its
+    argument ``arg``); record, per call that goes through, the exception active then."""
+    import sys
+
+    import torch
+
+    real = getattr(type(backend), method)
+    active = []
+
+    def chunk(self, *args):
+        if len(args[arg]) > rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        active.append(sys.exc_info()[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(type(backend), method, chunk)
+    return active
+
+
+def test_out_of_memory_splits_after_the_failed_call_is_released(tiny, monkeypatch):
+    from harness.backend import ProbeRequest
+
+    ids = tiny.encode(" the cat sat on")
+    reqs = [ProbeRequest(ids, t, steps=2, prefix=tiny.encode("Repeat:")) for t in range(8)]
+    want = [(r.probs, r.ids) for r in tiny.probe(reqs)]
+    active = _oom_above(monkeypatch, tiny, "_probe_chunk", 2, arg=1)
+    got = tiny.probe(reqs)
+    assert [(r.probs, r.ids) for r in got] == want and all(r.error is None for r in got)
+    # every half ran with no exception alive: the failed call's frames were already gone
+    assert len(active) == 4 and active == [None] * 4
+
+
+def test_score_splits_on_out_of_memory_too(tiny, monkeypatch):
+    seqs = [tiny.encode(t) for t in ("The quick brown fox", "Please repeat it", "cat dog")]
+    reqs = [ScoreRequest(s, [len(s)], [s[0]]) for s in seqs] * 2
+    want = [r.logprobs for r in tiny.score(reqs)]
+    active = _oom_above(monkeypatch, tiny, "_score_chunk", 1, arg=1)
+    got = tiny.score(reqs)
+    assert [r.logprobs for r in got] == want and all(r.error is None for r in got)
+    assert active == [None] * len(reqs)
+
+
+def test_a_chunk_that_fails_on_one_item_fails_only_that_chunk(tiny, monkeypatch):
+    from harness.backend import ProbeRequest
+
+    _oom_above(monkeypatch, tiny, "_probe_chunk", 0, arg=1)  # not even one row fits
+    got = tiny.probe([ProbeRequest(tiny.encode(" the"), 5)])
+    assert got[0].error.startswith("OutOfMemoryError: CUDA out of memory")
+
+
+def test_chunk_rows_follow_the_cache_bytes_per_token():
+    from transformers import GPT2Config, GPTJConfig
+
+    from backends.hf import chunk_rows
+
+    budget = 40 * 2**30
+    gpt2 = chunk_rows(GPT2Config(), budget, 2, new_tokens=8, context=300, reads=1,
+                      vocab_rows=50257, max_tokens=10**9)
+    gptj = chunk_rows(GPTJConfig(), budget, 2, new_tokens=8, context=300, reads=1,
+                      vocab_rows=50400, max_tokens=10**9)
+    # GPT-J keeps about 12 times GPT-2's key/value bytes per position
+    assert 8 <= gpt2 / gptj <= 14
+    assert chunk_rows(GPT2Config(), budget / 4, 2, 8, 300, 1, 50257, 10**9) < gpt2
+    assert chunk_rows(GPT2Config(), budget, 2, 8, 300, 1, 50257, max_tokens=64) == 8
+
+
+def test_ids_past_the_embedding_are_errors_not_device_asserts(tiny):
+    from harness.backend import ProbeRequest
+
+    ok = tiny.encode(" the cat")
+    bad = TINY_ROWS + 3
+    probes = tiny.probe([ProbeRequest(ok, 5), ProbeRequest(ok + [bad], 5),
+                         ProbeRequest(ok, bad), ProbeRequest(ok, 6, prefix=[-1])])
+    assert probes[0].error is None and probes[0].probs
+    assert all(f"outside the model's 0..{TINY_ROWS - 1}" in p.error for p in probes[1:])
+    scores = tiny.score([ScoreRequest(ok, [1], [bad]), ScoreRequest(ok, [1], [ok[1]])])
+    assert "outside" in scores[0].error and scores[1].error is None
+
+
+def test_projection_is_float32_and_matches_the_model(tiny):
+    import torch
+
+    ids = torch.tensor([tiny.encode("The quick brown fox")])
+    with torch.inference_mode():
+        own = torch.log_softmax(tiny.model(input_ids=ids).logits[0], -1)
+        ours = tiny._logprobs(tiny._body(ids)[0][0])
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, own, atol=1e-5, rtol=0)
+
+
+def test_bf16_model_projects_in_float32(tiny_model_dir):
+    import torch
+
+    from backends.hf import HFBackend
+
+    be = HFBackend(str(tiny_model_dir), dtype="bfloat16")
+    weight, _ = be._head()
+    assert be.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert weight.dtype == torch.float32
+    ids = torch.tensor([be.encode("The quick brown fox")])
+    with torch.inference_mode():
+        assert be._logprobs(be._body(ids)[0][0]).dtype == torch.float32
+
+
+def test_load_failures_on_the_device_are_one_line(cli, tiny_model_dir, monkeypatch):
+    import torch
+
+    code, _, err = cli("scan", str(tiny_model_dir), "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert code == 2 and "no CUDA GPU" in err and err.strip().count("\n") == 0, err
+
+    def no_room(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_room)
+    code, _, err = cli("scan", str(tiny_model_dir), "-d", "embedding-centroid")
+    assert code == 2, err
+    line = " ".join(err.split())
+    assert "CUDA out of memory" in line and "GiB of weights in float32" in line
+    assert "Traceback" not in err
+
+
+def test_blockwise_read_equals_the_full_softmax():
+    """Many blocks of vocabulary rows (a 49,152-row head) against one log-softmax."""
+    import types
+
+    import torch
+
+    from backends.hf import HFBackend
+
+    torch.manual_seed(0)
+    be = HFBackend.__new__(HFBackend)  # the projection only: no model to load
+    weight = torch.randn(49152, 64)
+    be.torch, be._head32 = torch, (weight, None)
+    be.model = types.SimpleNamespace(config=types.SimpleNamespace(final_logit_softcapping=None))
+    be._rows = lambda: 49152
+    hidden = torch.randn(700, 64) * 2
+    targets = torch.randint(0, 49152, (700,))
+    logp, best = be._read(hidden, targets)
+    full = torch.log_softmax(hidden @ weight.T, dim=-1)
+    torch.testing.assert_close(logp, full[torch.arange(700), targets], atol=2e-5, rtol=0)
+    assert torch.equal(best, full.argmax(dim=1))

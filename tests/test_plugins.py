@@ -55,7 +55,7 @@ def test_plugins_command_lists_everything_with_its_package(cli, fake_plugin):
     assert backends["fake"] == "fake-backend-plugin"
     assert {d["name"] for d in data["detectors"]} >= {"embedding-centroid", "needs-score"}
     assert {m["name"] for m in data["models"]} >= {"smollm2", "fake-model"}
-    assert [p["name"] for p in data["probes"]] == ["repeat-12", "n-shot", "verify-3"]
+    assert [p["name"] for p in data["probes"]] == ["repeat-12", "n-shot", "verify-3", "screen"]
 
 
 def test_fake_backend_scan_end_to_end(cli, fake_plugin, harness_home):

@@ -71,7 +71,7 @@ def _shifted_tokenizer(dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stored(tiny_model_dir, tmp_path_factory):
-    """A database holding default scans of three tiny models; one glitch token of the first
+    """A database holding budget-mode scans of three tiny models; one glitch token of the first
     gets a nasty text planted (tokens.text only: raw bytes stay)."""
     base = tmp_path_factory.mktemp("report")
     other = _other_weights(tiny_model_dir, base / "other-weights")
@@ -80,7 +80,7 @@ def stored(tiny_model_dir, tmp_path_factory):
     engine = open_db(f"sqlite:///{db}")
     models = {}
     for name, folder in (("a", tiny_model_dir), ("b", other), ("c", shifted)):
-        result = scan(str(folder), engine)
+        result = scan(str(folder), engine, candidates=0.02)  # a short table: budget mode
         assert result.verdict is not None and result.verdict.status == "done"
         models[name] = (str(folder), result.model_id)
     engine.dispose()

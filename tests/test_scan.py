@@ -25,15 +25,16 @@ def test_scan_stores_model_tokens_runs_findings(cli, tiny_model_dir, harness_hom
     assert rows(db, "SELECT count(*) FROM tokens") == [(TINY_ROWS,)]
     assert rows(db, "SELECT detector, status FROM runs ORDER BY id") == [
         ("embedding-centroid", "done"), ("unembedding-cosine", "done"),
-        ("repeat-probe", "done"), ("repeated-sequence", "done"), ("verdict", "done")]
+        ("repeat-screen", "done"), ("repeat-probe", "done"), ("verdict", "done")]
     counts = rows(db, "SELECT count(*) FROM findings GROUP BY run_id ORDER BY run_id")
-    # static detectors and the verdict cover every token, the behavioural ones the candidates
-    n_cand = counts[2][0]
-    assert counts == [(TINY_ROWS,), (TINY_ROWS,), (n_cand,), (n_cand,), (TINY_ROWS,)]
-    assert len(PLANTED) <= n_cand < TINY_ROWS // 4
-    assert f"behavioural detectors ran on {n_cand} tokens" in out
-    probed = {t for (t,) in rows(db, "SELECT token_id FROM findings WHERE run_id = 3")}
-    assert probed >= set(PLANTED)
+    # the static detectors, the screen and the verdict cover every token; the verifier
+    # exactly the tokens the screen did not settle and the tokens a static detector flagged
+    n_verified = counts[3][0]
+    assert counts == [(TINY_ROWS,), (TINY_ROWS,), (TINY_ROWS,), (n_verified,), (TINY_ROWS,)]
+    want = rows(db, "SELECT DISTINCT token_id FROM findings WHERE run_id IN (1, 2, 3) "
+                    "AND verdict != 'ok' ORDER BY token_id")
+    assert rows(db, "SELECT token_id FROM findings WHERE run_id = 4 ORDER BY token_id") == want
+    assert f"every token screened; {n_verified} verified" in out
     assert rows(db, "SELECT count(*) FROM final_verdicts") == [(TINY_ROWS,)]
     flagged = rows(db, "SELECT token_id FROM latest_findings WHERE detector = "
                    "'embedding-centroid' AND verdict = 'suspect'")
@@ -43,6 +44,42 @@ def test_scan_stores_model_tokens_runs_findings(cli, tiny_model_dir, harness_hom
                  if line.startswith("│") and line.split()[1].isdigit()]
     assert set(table_ids[: len(PLANTED)]) == set(PLANTED)
     assert rows(db, "SELECT count(*) FROM latest_verdicts") == [(TINY_ROWS,)]
+
+
+def test_budget_mode_verifies_the_static_candidates_only(cli, tiny_model_dir, harness_home):
+    code, out, err = cli("scan", str(tiny_model_dir), "--candidates", "0.02")
+    assert code == 0, err
+    db = harness_home / "results.db"
+    assert rows(db, "SELECT detector FROM runs ORDER BY id") == [
+        ("embedding-centroid",), ("unembedding-cosine",), ("repeat-screen",),
+        ("repeat-probe",), ("verdict",)]
+    counts = rows(db, "SELECT count(*) FROM findings GROUP BY run_id ORDER BY run_id")
+    n_cand = counts[3][0]
+    assert counts == [(TINY_ROWS,), (TINY_ROWS,), (n_cand,), (n_cand,), (TINY_ROWS,)]
+    assert len(PLANTED) <= n_cand < TINY_ROWS // 4
+    assert f"behavioural detectors ran on {n_cand} tokens" in out
+    probed = {t for (t,) in rows(db, "SELECT token_id FROM findings WHERE run_id = 4")}
+    assert probed >= set(PLANTED)
+
+
+def test_an_extra_detector_run_keeps_the_verified_glitch_tokens(cli, tiny_model_dir,
+                                                                harness_home):
+    code, _, err = cli("scan", str(tiny_model_dir))
+    assert code == 0, err
+    db = harness_home / "results.db"
+    glitch = rows(db, "SELECT token_id FROM glitch_tokens ORDER BY token_id")
+    assert glitch
+    for extra in (["-d", "repeated-sequence", "--full"], ["-d", "embedding-centroid"],
+                  ["-d", "repeat-probe", "--tokens", "1,2,3"]):
+        code, _, err = cli("scan", str(tiny_model_dir), *extra)
+        assert code == 0, err
+        assert rows(db, "SELECT token_id FROM glitch_tokens ORDER BY token_id") == glitch
+    # the verdict now holds repeated-sequence too, and every run's latest finding
+    (opts,) = rows(db, "SELECT options_json FROM runs WHERE detector = 'verdict' "
+                       "ORDER BY id DESC LIMIT 1")[0]
+    assert set(json.loads(opts)["runs"]) == {"embedding-centroid", "unembedding-cosine",
+                                             "repeat-screen", "repeat-probe",
+                                             "repeated-sequence"}
 
 
 def test_unembedding_cosine_with_given_reference_finds_the_rest(cli, tiny_model_dir,
@@ -67,9 +104,13 @@ def test_second_scan_reuses_runs_and_fresh_reruns(cli, tiny_model_dir, harness_h
     assert rows(db, "SELECT count(*) FROM models") == [(1,)]
     cli("scan", str(tiny_model_dir), "--fresh")
     assert rows(db, "SELECT count(*) FROM runs") == [(10,)]
-    # changed options make a new run, the old one stays
+    # changed options make a new run, the old one stays; the final verdict, which reads
+    # every detector's latest run, is recorded again
     cli("scan", str(tiny_model_dir), "-d", "embedding-centroid", "-o", "embedding-centroid.z=2")
-    assert rows(db, "SELECT count(*) FROM runs") == [(11,)]
+    assert rows(db, "SELECT detector FROM runs WHERE id > 10") == [("embedding-centroid",),
+                                                                   ("verdict",)]
+    cli("scan", str(tiny_model_dir), "-d", "embedding-centroid", "-o", "embedding-centroid.z=2")
+    assert rows(db, "SELECT count(*) FROM runs") == [(12,)]
 
 
 def test_interrupted_run_resumes_without_repeating_batches(tiny_model_dir, harness_home,

@@ -1,0 +1,232 @@
+"""The whole default scan, stage by stage, against today's code, in one run.
+
+Two checkouts of the harness run side by side with this virtual environment, each command in a
+fresh database with the model cache warm:
+
+- baseline: the harness at `--baseline` (default 33d6abe, the last commit before the
+  whole-vocabulary pipeline), checked out with `git worktree` into a temporary folder; its
+  default scan verifies only the static detectors' candidates (2 % of the vocabulary each);
+- current: this tree; its default scan screens every token and verifies what the screen does
+  not settle and what a static detector flags.
+
+Measured:
+
+1. `harness scan MODEL` with each checkout's defaults: wall time, and per stage the run's own
+   time (`runs.wall_s`), how many tokens each stage examined, the glitch count;
+2. the cascade on glitch tokens: `--glitch N` tokens that the current scan verified as glitch
+   tokens, through `repeat-probe` with verify-3, in one process per checkout: the baseline's
+   code, the current code with its scouts off (the exact cascade) and on (the default);
+   tokens/s, and whether the verdicts agree;
+3. the first stage against the physical bound: the FLOPs of one forward pass of the screen's
+   new tokens per vocabulary token (plus the projection of the read position onto the
+   vocabulary), at the float32 matrix-multiply rate this CPU reaches on the model's shapes.
+
+    .venv/bin/python benchmarks/default_scan.py [smollm2|gemma3-270m] [--glitch 48]
+        [--baseline REV] [--skip-baseline-scan]
+
+Writes benchmarks/results/default_scan_<model>.json and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "33d6abe"
+
+# Run in a child process: the harness from the folder given first on the command line, with
+# the built-in plugins that folder does not have (this venv's entry points name the current
+# tree's modules) left out.
+CHILD = r"""
+import importlib.metadata, importlib.util, sys
+sys.path.insert(0, sys.argv[1])
+import pluggy
+_load = pluggy.PluginManager.load_setuptools_entrypoints
+def load(self, group, name=None):
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == group and importlib.util.find_spec(ep.value.split(":")[0]) is None:
+                self.set_blocked(ep.name)
+    return _load(self, group, name)
+pluggy.PluginManager.load_setuptools_entrypoints = load
+mode = sys.argv[2]
+if mode == "cli":
+    from harness.cli import main
+    main(sys.argv[3:])
+else:  # glitch: time repeat-probe on the given tokens
+    import json, time
+    import numpy as np
+    from harness.plugins import registry
+    from harness.refs import resolve
+    from harness.runner import load_backend
+    from harness.detector import ScanContext
+    from harness.vocab import analyze
+    model, ids, options = sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+    reg = registry()
+    be = load_backend(resolve(model, reg, None), reg)
+    vocab = be.vocab()
+    cats = analyze(vocab, be.encode_batch)
+    det = reg.detectors["repeat-probe"][0](**options)
+    ctx = ScanContext(backend=be, vocab=vocab, categories=cats)
+    det.prepare(ctx)
+    list(det.run(ctx, np.asarray(ids[:4])))  # warm-up: prefix caches, allocator
+    t0 = time.perf_counter()
+    found = [f for batch in det.run(ctx, np.asarray(ids)) for f in batch]
+    wall = time.perf_counter() - t0
+    print(json.dumps({"wall_s": wall, "verdicts": {f.token_id: f.verdict for f in found}}))
+"""
+
+
+def child(tree: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), *args], text=True,
+                          capture_output=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:3])} failed in {tree}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def timed_scan(tree: Path, model: str, work: Path, *extra: str) -> dict:
+    db = work / "results.db"
+    t0 = time.perf_counter()
+    child(tree, "cli", "scan", model, "--db", str(db), "--top", "5", *extra,
+          env={"HARNESS_HOME": str(work)})
+    wall = time.perf_counter() - t0
+    with sqlite3.connect(db) as conn:
+        stages = conn.execute(
+            "SELECT r.detector, r.wall_s, count(f.token_id), sum(f.verdict = 'glitch') FROM runs r "
+            "LEFT JOIN findings f ON f.run_id = r.id GROUP BY r.id ORDER BY r.id").fetchall()
+        glitch = conn.execute("SELECT token_id FROM glitch_tokens ORDER BY token_id").fetchall()
+    return {"wall_s": round(wall, 1),
+            "stages": [{"detector": d, "wall_s": round(w or 0, 1), "tokens": n,
+                        "glitch": int(g or 0)} for d, w, n, g in stages],
+            "glitch": len(glitch), "glitch_ids": [t for (t,) in glitch]}
+
+
+def glitch_rate(tree: Path, model: str, ids: list[int], options: dict) -> dict:
+    out = json.loads(child(tree, "glitch", model, json.dumps(ids), json.dumps(options))
+                     .stdout.strip().splitlines()[-1])
+    return {"wall_s": round(out["wall_s"], 2),
+            "tokens_per_s": round(len(ids) / out["wall_s"], 3),
+            "verdicts": {int(k): v for k, v in out["verdicts"].items()}}
+
+
+def matmul_rate(m: int, k: int, n: int, repeat: int = 10) -> float:
+    """Sustained float32 GFLOP/s of (m x k) @ (k x n) on this CPU."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * m * k * n * repeat / (time.perf_counter() - t0) / 1e9
+
+
+def physical_bound(model: str, screen_tokens_per_s: float, new_tokens: int) -> dict:
+    """FLOPs per screened token and the time the CPU's matmul rate allows for the whole
+    vocabulary."""
+    from harness.plugins import registry
+    from harness.refs import resolve
+    from harness.runner import load_backend
+
+    reg = registry()
+    be = load_backend(resolve(model, reg, None), reg)
+    cfg = be.model.config.get_text_config()
+    params = sum(p.numel() for p in be.model.parameters())
+    rows, d = be.model.get_input_embeddings().weight.shape
+    body = params - rows * d * (1 if be.embeddings_tied() else 2)
+    flops = 2 * body * new_tokens + 2 * rows * d  # the body per new token, one projection
+    inner = getattr(cfg, "intermediate_size", 4 * d)
+    rate = min(matmul_rate(2048, d, inner), matmul_rate(1024, d, rows // 8))
+    vocab = len(be.vocab())
+    be.close()
+    return {"body_params": body, "new_tokens_per_token": new_tokens,
+            "gflop_per_token": round(flops / 1e9, 4), "matmul_gflops": round(rate, 1),
+            "bound_s": round(vocab * flops / (rate * 1e9), 1),
+            "measured_s": round(vocab / screen_tokens_per_s, 1),
+            "measured_over_bound": round(vocab * flops / (rate * 1e9) and
+                                         (vocab / screen_tokens_per_s)
+                                         / (vocab * flops / (rate * 1e9)), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default="smollm2")
+    ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--glitch", type=int, default=48, help="glitch tokens to time")
+    ap.add_argument("--skip-baseline-scan", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    report: dict = {"model": args.model, "machine": platform.machine(),
+                    "cpus": os.cpu_count(), "baseline": args.baseline}
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
+        tmp = Path(tmp)
+        base = tmp / "baseline"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base),
+                        args.baseline], check=True, capture_output=True)
+        try:
+            current = timed_scan(ROOT, args.model, tmp / "current")
+            report["current_scan"] = {k: v for k, v in current.items() if k != "glitch_ids"}
+            print(json.dumps(report["current_scan"], indent=1), flush=True)
+            if not args.skip_baseline_scan:
+                old = timed_scan(base, args.model, tmp / "old")
+                report["baseline_scan"] = {k: v for k, v in old.items() if k != "glitch_ids"}
+                print(json.dumps(report["baseline_scan"], indent=1), flush=True)
+            ids = current["glitch_ids"]
+            ids = [ids[k] for k in sorted(set(
+                round(i * (len(ids) - 1) / max(1, args.glitch - 1))
+                for i in range(min(args.glitch, len(ids)))))]
+            runs = {"baseline": glitch_rate(base, args.model, ids, {}),
+                    "exact": glitch_rate(ROOT, args.model, ids, {"scout_below": 0}),
+                    "scouts": glitch_rate(ROOT, args.model, ids, {})}
+            exact = runs["exact"]["verdicts"]
+            report["glitch_cascade"] = {
+                "tokens": len(ids),
+                **{k: {"wall_s": v["wall_s"], "tokens_per_s": v["tokens_per_s"],
+                       "verdicts_agree_with_exact": sum(v["verdicts"][t] == exact[t]
+                                                        for t in ids)}
+                   for k, v in runs.items()},
+                "speedup_scouts_vs_baseline": round(runs["baseline"]["wall_s"]
+                                                    / runs["scouts"]["wall_s"], 2),
+                "speedup_scouts_vs_exact": round(runs["exact"]["wall_s"]
+                                                 / runs["scouts"]["wall_s"], 2)}
+            print(json.dumps(report["glitch_cascade"], indent=1), flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(base)], capture_output=True)
+    screen = next(s for s in report["current_scan"]["stages"]
+                  if s["detector"] == "repeat-screen")
+    from harness.probe import plan_prompt
+    from probes import SCREEN
+
+    sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("transformers"):
+        from harness.plugins import registry
+        from harness.refs import resolve
+        from harness.runner import load_backend
+
+        reg = registry()
+        be = load_backend(resolve(args.model, reg, None), reg)
+        new = len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail)
+        be.close()
+        report["first_stage"] = physical_bound(args.model, screen["tokens"] / screen["wall_s"],
+                                               new)
+        report["first_stage"]["tokens_per_s"] = round(screen["tokens"] / screen["wall_s"], 1)
+        print(json.dumps(report["first_stage"], indent=1))
+    out = args.out or ROOT / "benchmarks" / "results" / f"default_scan_{args.model}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

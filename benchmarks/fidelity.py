@@ -1,0 +1,190 @@
+"""Does the default scan find what the exact cascade finds? The first stage's recall against a
+reference built with the exact cascade, and the agreement of the final verdicts.
+
+The reference is `repeat-probe` with its scouts off (`scout_below=0`: Land & Bartolo's three
+prompts in full for every token, cheapest first, a token leaving once one prompt shows the model
+repeating it; no first stage) on every token of the vocabulary (`--all`), or on every token a
+static detector flags plus a random sample of `--sample` tokens. It is built once into
+`--reference-db` (a killed build resumes) and reused. The default scan (`harness scan MODEL`)
+goes into `--scan-db`, also reused when finished there.
+
+Over the reference's tokens:
+
+- first stage: of the reference's glitch tokens, the share the scan sent on to verification
+  (the screen did not settle it, or a static detector flagged it), and the share the screen
+  alone did not settle; the share of the reference's ok tokens the screen settled;
+- verdicts: the scan's final verdict against the reference's, as a table, with precision and
+  recall of `glitch`; for a sample reference also on the random sample alone (an unbiased
+  estimate for the whole vocabulary);
+- the scouts: on the tokens both verified, how often the scan's `repeat-probe` (scouts on)
+  agrees with the exact cascade.
+
+    .venv/bin/python benchmarks/fidelity.py smollm2 --all
+    .venv/bin/python benchmarks/fidelity.py gemma3-270m --sample 3000
+
+Writes benchmarks/results/fidelity_<model>.json and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+
+from harness.db import open_db
+from harness.runner import DEFAULT_STATIC, flagged_tokens, scan
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT = {"repeat-probe": {"scout_below": 0}}
+
+
+def latest(engine, model_id: int, detector: str) -> dict[int, tuple[str, float | None]]:
+    """Per token, the verdict and score of the latest finished run of ``detector`` that
+    examined it."""
+    out: dict[int, tuple[str, float | None]] = {}
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT f.token_id, f.verdict, f.score FROM findings f JOIN runs r ON r.id = "
+            "f.run_id WHERE r.model_id = :m AND r.detector = :d AND r.status = 'done' "
+            "ORDER BY r.id"), {"m": model_id, "d": detector}).all()
+    for t, v, s in rows:
+        out[int(t)] = (v, s)
+    return out
+
+
+def build_reference(model: str, db: Path, full: bool, sample: int, seed: int) -> dict:
+    engine = open_db(f"sqlite:///{db}")
+    t0 = time.perf_counter()
+    static = scan(model, engine, list(DEFAULT_STATIC))
+    flagged = flagged_tokens(engine, [o.run_id for o in static.outcomes])
+    rng = np.random.default_rng(seed)
+    random = np.sort(rng.choice(static.vocab_size, min(sample, static.vocab_size),
+                                replace=False))
+    if full:
+        result = scan(model, engine, ["repeat-probe"], detector_options=EXACT, full=True)
+    else:
+        tokens = np.union1d(flagged, random).tolist()
+        result = scan(model, engine, ["repeat-probe"], detector_options=EXACT, tokens=tokens)
+    wall = time.perf_counter() - t0
+    run = next(o for o in result.outcomes if o.detector == "repeat-probe")
+    return {"model_id": result.model_id, "vocab": result.vocab_size, "wall_s": round(wall, 1),
+            "run": run.run_id, "status": run.status, "flagged": flagged.tolist(),
+            "random": random.tolist(), "engine": engine}
+
+
+def stored_reference(db: Path, sample: int, seed: int) -> dict:
+    """A reference built earlier (by this script or `harness scan MODEL --full -d
+    repeat-probe -o repeat-probe.scout_below=0`), read as it is."""
+    engine = open_db(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        model_id, vocab = conn.execute(text("SELECT id, vocab_size FROM models")).one()
+        run, wall = conn.execute(text(
+            "SELECT id, wall_s FROM runs WHERE detector = 'repeat-probe' AND status = 'done' "
+            "ORDER BY id DESC")).first()
+    rng = np.random.default_rng(seed)
+    random = np.sort(rng.choice(vocab, min(sample, vocab), replace=False))
+    return {"model_id": model_id, "vocab": vocab, "wall_s": wall, "run": run,
+            "status": "stored", "flagged": [], "random": random.tolist(), "engine": engine}
+
+
+def confusion(pairs: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    table: dict[str, Counter] = {}
+    for ref, got in pairs:
+        table.setdefault(ref, Counter())[got] += 1
+    return {k: dict(v) for k, v in sorted(table.items())}
+
+
+def precision_recall(pairs: list[tuple[str, str]]) -> dict[str, float | int]:
+    tp = sum(r == "glitch" and g == "glitch" for r, g in pairs)
+    fp = sum(r != "glitch" and g == "glitch" for r, g in pairs)
+    fn = sum(r == "glitch" and g != "glitch" for r, g in pairs)
+    return {"tp": tp, "fp": fp, "fn": fn,
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default="smollm2")
+    ap.add_argument("--all", action="store_true", help="reference on every token")
+    ap.add_argument("--sample", type=int, default=3000, help="random tokens in the reference")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-db", type=Path)
+    ap.add_argument("--scan-db", type=Path)
+    ap.add_argument("--stored", action="store_true",
+                    help="read the reference database as it is (any finished exact run)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    work = ROOT / "benchmarks" / "results"
+    ref_db = args.reference_db or work / f"reference_{args.model}.db.tmp"
+    scan_db = args.scan_db or work / f"default_scan_{args.model}.db.tmp"
+
+    if args.stored:
+        ref = stored_reference(ref_db, args.sample, args.seed)
+    else:
+        ref = build_reference(args.model, ref_db, args.all, args.sample, args.seed)
+    print(f"reference: run {ref['run']} ({ref['status']}), {ref['wall_s']} s")
+    engine = open_db(f"sqlite:///{scan_db}")
+    t0 = time.perf_counter()
+    result = scan(args.model, engine)
+    scan_wall = time.perf_counter() - t0
+    mid = result.model_id
+
+    exact = latest(ref["engine"], ref["model_id"], "repeat-probe")
+    screen = latest(engine, mid, "repeat-screen")
+    verified = latest(engine, mid, "repeat-probe")
+    final = latest(engine, mid, "verdict")
+    tokens = sorted(exact)
+    ref_glitch = [t for t in tokens if exact[t][0] == "glitch"]
+    ref_ok = [t for t in tokens if exact[t][0] == "ok"]
+    strong = [t for t in ref_glitch if (exact[t][1] or 0) < 1e-3]
+
+    def share(sel: list[int], pred) -> float | None:
+        return round(sum(map(pred, sel)) / len(sel), 4) if sel else None
+
+    sent = share(ref_glitch, lambda t: t in verified)
+    unsettled = share(ref_glitch, lambda t: screen.get(t, ("ok",))[0] != "ok")
+    random = set(ref["random"])
+    pairs = [(exact[t][0], final[t][0]) for t in tokens]
+    pairs_random = [(exact[t][0], final[t][0]) for t in tokens if t in random]
+    both = [t for t in tokens if t in verified]
+    agree = share(both, lambda t: verified[t][0] == exact[t][0])
+    report = {
+        "model": args.model, "machine": platform.machine(),
+        "reference": {"tokens": len(tokens), "glitch": len(ref_glitch),
+                      "strong_glitch": len(strong), "whole_vocabulary": args.all,
+                      "random_sample": len(random), "static_flagged": len(ref["flagged"]),
+                      "wall_s_this_call": ref["wall_s"]},
+        "default_scan": {"wall_s_this_call": round(scan_wall, 1), "vocab": result.vocab_size,
+                         "verified": len(verified),
+                         "glitch": sum(v == "glitch" for v, _ in final.values()),
+                         "stages_s": {o.detector: round(o.wall_s, 1)
+                                      for o in result.outcomes}},
+        "first_stage": {
+            "recall_sent_to_verification": sent,
+            "recall_screen_alone": unsettled,
+            "recall_sent_strong": share(strong, lambda t: t in verified),
+            "missed": [t for t in ref_glitch if t not in verified],
+            "ok_settled_by_screen": share(ref_ok, lambda t: screen.get(t, ("",))[0] == "ok"),
+        },
+        "verdicts": {"confusion_reference_by_scan": confusion(pairs),
+                     "glitch": precision_recall(pairs),
+                     "glitch_random_sample": precision_recall(pairs_random) if random else None},
+        "scouts": {"tokens_verified_by_both": len(both), "verdict_agreement": agree,
+                   "disagree": [t for t in both if verified[t][0] != exact[t][0]]},
+    }
+    out = args.out or work / f"fidelity_{args.model}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("reference", "default_scan", "first_stage",
+                                             "scouts")}, indent=2))
+    print(json.dumps(report["verdicts"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The whole-vocabulary pipeline on the real models: the screen, the scouts, the shared-prefix
+attention, float32 projection of a bf16 model, and the final verdict over every run."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from harness.backend import ProbeRequest
+from harness.db import open_db
+from harness.detector import ScanContext
+from harness.probe import plan_probe_set
+from harness.runner import scan
+
+pytestmark = pytest.mark.real_model
+
+# SmolLM2 tokens whose exact verify-3 verdict is known (the reference of benchmarks/fidelity.py)
+GLITCH = [0, 5, 190, 3420, 36743, 43858]  # <|endoftext|>, <file_sep>, \x00, ..., MetaInfoClass
+ORDINARY = list(range(1000, 1040))  # common merges
+NEAR = {3420: "glitch", 3944: "glitch", 2065: "ok", 752: "ok"}  # max p 0.0029 .. 0.0173
+
+
+def rows(db, sql, *params):
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from backends.hf import HFBackend
+    from backends.packaged import smollm2_gguf
+
+    return HFBackend(smollm2_gguf())
+
+
+def run(detector, backend, ids):
+    ctx = ScanContext(backend=backend, vocab=backend.vocab(), categories=np.array([]))
+    detector.prepare(ctx)
+    return {f.token_id: f for batch in detector.run(ctx, np.asarray(ids)) for f in batch}
+
+
+def test_screen_settles_ordinary_tokens_and_passes_glitch_tokens_on(smollm2):
+    from detectors.repeat_screen import RepeatScreen
+
+    found = run(RepeatScreen(), smollm2, GLITCH + ORDINARY)
+    assert all(found[t].verdict == "suspect" for t in GLITCH), {t: found[t] for t in GLITCH}
+    settled = [t for t in ORDINARY if found[t].verdict == "ok"]
+    assert len(settled) >= 0.9 * len(ORDINARY)
+    assert all(found[t].score >= 0.02 for t in settled)
+    assert all(found[t].evidence["repeated_in"] in ("pair-list", "repeats-6") for t in settled)
+
+
+@pytest.mark.parametrize("probes", ["screen", "verify-3"])
+def test_shared_prefix_attention_gives_what_the_plain_cache_gives(smollm2, probes):
+    from probes import SCREEN, VERIFY_3
+
+    assert smollm2._shared_prefix
+    plans = plan_probe_set({"screen": SCREEN, "verify-3": VERIFY_3}[probes], smollm2.encode,
+                           smollm2.bos_ids())
+    for plan in plans[:2]:
+        reqs = [ProbeRequest(plan.tail_for(t), t, 3, plan.prefix) for t in (5, 1000, 3420)]
+        shared = smollm2.probe(reqs)
+        smollm2._shared_prefix = False
+        try:
+            plain = smollm2.probe(reqs)
+        finally:
+            smollm2._shared_prefix = True
+        for a, b in zip(shared, plain, strict=True):
+            assert a.ids == b.ids
+            np.testing.assert_allclose(a.probs, b.probs, rtol=1e-3, atol=1e-7)
+
+
+def test_bf16_verdicts_equal_float32_near_the_threshold():
+    """Tokens within a factor of two to four of 0.01: bf16 weights, float32 projection."""
+    from backends.hf import HFBackend
+    from backends.packaged import smollm2_gguf
+    from detectors.repeat_probe import RepeatProbe
+
+    verdicts = {}
+    for dtype in ("float32", "bfloat16"):
+        be = HFBackend(smollm2_gguf(), dtype=dtype)
+        found = run(RepeatProbe(), be, list(NEAR))
+        verdicts[dtype] = {t: f.verdict for t, f in found.items()}
+        be.close()
+    assert verdicts["float32"] == NEAR
+    assert verdicts["bfloat16"] == NEAR
+
+
+def test_an_extra_detector_run_keeps_the_verified_glitch_tokens(tmp_path):
+    db = tmp_path / "r.db"
+    engine = open_db(f"sqlite:///{db}")
+    tokens = GLITCH[:3] + ORDINARY[:5]
+    scan("smollm2", engine, tokens=tokens)
+    glitch = rows(db, "SELECT token_id FROM glitch_tokens ORDER BY token_id")
+    assert glitch == [(t,) for t in GLITCH[:3]]
+    scan("smollm2", engine, ["repeated-sequence"], tokens=ORDINARY[:10])
+    assert rows(db, "SELECT token_id FROM glitch_tokens ORDER BY token_id") == glitch
+    (opts,) = rows(db, "SELECT options_json FROM runs WHERE detector = 'verdict' "
+                       "ORDER BY id DESC LIMIT 1")[0]
+    assert "repeated-sequence" in json.loads(opts)["runs"]
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from backends.hf import HFBackend
+    from backends.packaged import gemma3_270m_gguf
+
+    return HFBackend(gemma3_270m_gguf())
+
+
+def test_scouts_skip_the_long_prompts_for_unused_tokens_only(gemma):
+    """Gemma 3's <unusedN> tokens leave the long prompts after their scouts; the verdicts of
+    glitch and ordinary tokens are those of the exact cascade."""
+    from detectors.repeat_probe import RepeatProbe
+
+    unused = [t for t, text in enumerate(gemma.vocab().text) if text.startswith("<unused")]
+    assert len(unused) > 6000
+    unused = unused[600::600]  # <unused0> (id 6) is no glitch token: Gemma repeats it
+    ordinary = [gemma.encode(w)[0] for w in (" house", " river", " quick", "ing", " Paris")]
+    fast = run(RepeatProbe(), gemma, unused + ordinary)
+    exact = run(RepeatProbe(scout_below=0), gemma, unused + ordinary)
+    assert {t: f.verdict for t, f in fast.items()} == {t: f.verdict for t, f in exact.items()}
+    assert all(fast[t].verdict == "glitch" for t in unused)
+    scouted = [t for t in unused if "scout" in fast[t].evidence]
+    assert len(scouted) >= len(unused) // 2
+    for t in scouted:
+        assert set(fast[t].evidence["scout"]) <= {"repeats", "input-output"}
+        assert all(p < 1e-5 for p in fast[t].evidence["scout"].values())
+        assert not set(fast[t].evidence["scout"]) & set(fast[t].evidence["p"])
+    assert all(fast[t].verdict == "ok" and "scout" not in fast[t].evidence for t in ordinary)
