@@ -336,7 +336,9 @@ class HFBackend(Backend):
         log-sum-exp and argmax."""
         torch = self.torch
         n, size = hidden.shape[0], self._rows()
-        block = max(1024, (1 << 22) // max(1, n))  # about 16 MB of logits per block
+        # about 16 MB of logits per block on a CPU (cache-sized), 256 MB on a GPU
+        cells = 1 << (26 if hidden.device.type == "cuda" else 22)
+        block = max(1024, cells // max(1, n))
         top = torch.full((n,), float("-inf"), device=hidden.device)
         total = torch.zeros(n, device=hidden.device)
         best = torch.zeros(n, dtype=torch.long, device=hidden.device)
@@ -494,12 +496,12 @@ class HFBackend(Backend):
             if problem := r.problem(self._rows()):
                 results[i].error = problem
             else:
-                groups[(tuple(r.prefix), len(r.ids))].append(i)
+                groups[(tuple(r.prefix), len(r.ids), r.checkpoint)].append(i)
 
         def fail(i: int, reason: str) -> None:
             results[i] = ProbeResult(error=reason)
 
-        for (prefix, length), idx in groups.items():
+        for (prefix, length, _), idx in groups.items():
             steps = max(requests[i].steps for i in idx)
             size = self.chunk_rows(length + steps, len(prefix) + length + steps)
             chunks = [idx[k: k + size] for k in range(0, len(idx), size)]
@@ -537,9 +539,9 @@ class HFBackend(Backend):
     def _probe_chunk(self, prefix: tuple[int, ...], reqs: list[ProbeRequest],
                      out: list[ProbeResult]) -> None:
         """Greedy steps on device: probabilities and tokens collect in device tensors and
-        reach the host once. On a CPU, decided rows leave the batch between steps; on a
-        GPU every row runs every step (finding the decided rows would wait on the device)
-        and what a decided row generates afterwards is not recorded."""
+        reach the host once. On a CPU, decided rows leave the batch (at the checkpoint and
+        between steps); on a GPU every row runs to the end (finding the decided rows would
+        wait on the device) and what a decided row computes afterwards is not recorded."""
         torch = self.torch
         n = len(reqs)
         dev = self.device
@@ -547,6 +549,7 @@ class HFBackend(Backend):
         eos = self.tokenizer.eos_token_id
         eos = -1 if eos is None else int(eos)
         n_steps = max(r.steps for r in reqs)
+        checkpoint = reqs[0].checkpoint  # a chunk shares its length and checkpoint
         with torch.inference_mode():
             cache, shared = self._after_prefix(prefix, n, len(reqs[0].ids))
             ids = torch.tensor([list(r.ids) for r in reqs], dtype=torch.long, device=dev)
@@ -557,7 +560,32 @@ class HFBackend(Backend):
             probs = torch.full((n, n_steps), float("nan"), device=dev)
             greedy = torch.full((n, n_steps), -1, dtype=torch.long, device=dev)
             live = torch.ones(n, dtype=torch.bool, device=dev)
+            gave_up = torch.zeros(n, dtype=torch.bool, device=dev)
             rows = torch.arange(n, device=dev)  # which request each row of the batch is
+
+            def drop() -> bool:
+                """Leave out the rows that are decided; False when none is left."""
+                nonlocal rows, ids, cache
+                keep = live[rows].nonzero().squeeze(1)
+                if len(keep) < len(rows):
+                    if shared is not None:
+                        shared.select(keep)
+                    elif cache is not None:
+                        cache.batch_select_indices(keep)
+                    rows, ids = rows[keep], ids[keep]
+                return len(keep) > 0
+
+            if checkpoint is not None:
+                hidden, cache = self._body(ids[:, :checkpoint], cache, keep_cache=True,
+                                           shared=shared)
+                p = self._read(hidden[:, -1], targets)[0].exp()
+                give = torch.tensor([r.give_up_below for r in reqs], device=dev)
+                gave_up = p < give
+                probs[:, 0] = torch.where(gave_up, p, probs[:, 0])
+                live &= ~gave_up
+                ids = ids[:, checkpoint:]
+                if on_cpu and not drop():
+                    n_steps = 0
             for step in range(n_steps):
                 hidden, cache = self._body(ids, cache, keep_cache=True, shared=shared)
                 logp, nxt = self._read(hidden[:, -1], targets[rows])
@@ -568,19 +596,15 @@ class HFBackend(Backend):
                 live[rows] = was & (p < stop[rows]) & (steps[rows] > step + 1) & (nxt != eos)
                 if step + 1 == n_steps:
                     break
-                if on_cpu:
-                    keep = live[rows].nonzero().squeeze(1)
-                    if len(keep) == 0:
-                        break
-                    if len(keep) < len(rows):
-                        if shared is not None:
-                            shared.select(keep)
-                        else:
-                            cache.batch_select_indices(keep)
-                        rows, nxt = rows[keep], nxt[keep]
                 ids = nxt[:, None]
+                if on_cpu and not drop():
+                    break
             probs, greedy = probs.cpu().numpy(), greedy.cpu().numpy()
+            gave_up = gave_up.cpu().numpy()
         for r, res in enumerate(out):
+            if gave_up[r]:
+                res.probs, res.ids, res.gave_up = [float(probs[r, 0])], [], True
+                continue
             seen = greedy[r] >= 0
             res.probs, res.ids = probs[r][seen].tolist(), greedy[r][seen].tolist()
 

@@ -516,12 +516,30 @@ class LlamaCppBackend(Backend):
                      out: list[ProbeResult]) -> None:
         self._attach_prefix(n_prefix, len(reqs))
         try:
-            self.batch.clear()
-            for s, r in enumerate(reqs, start=1):
-                self.batch.add(r.ids, n_prefix, s, [len(r.ids) - 1])
-            pos = [n_prefix + len(r.ids) for r in reqs]
-            live = list(range(len(reqs)))
             targets = np.array([r.target for r in reqs])
+            live = list(range(len(reqs)))
+            start = [0] * len(reqs)
+            checked = [i for i, r in enumerate(reqs) if r.checkpoint is not None]
+            if checked:  # read the checkpoint, give up below it, go on from its cache
+                self.batch.clear()
+                for i in checked:
+                    c = reqs[i].checkpoint
+                    self.batch.add(reqs[i].ids[:c], n_prefix, i + 1, [c - 1])
+                    start[i] = c
+                logp = self._log_softmax(self._decode())
+                p = np.exp(logp[np.arange(len(checked)), targets[checked]])
+                for row, i in enumerate(checked):
+                    if p[row] < reqs[i].give_up_below:
+                        out[i].probs, out[i].gave_up = [float(p[row])], True
+                live = [i for i in live if not out[i].gave_up]
+            if not live:
+                return
+            self.batch.clear()
+            for i in live:
+                r = reqs[i]
+                self.batch.add(r.ids[start[i]:], n_prefix + start[i], i + 1,
+                               [len(r.ids) - start[i] - 1])
+            pos = [n_prefix + len(r.ids) for r in reqs]
             step = 0
             while True:
                 logp = self._log_softmax(self._decode())

@@ -30,7 +30,6 @@ Writes benchmarks/results/default_scan_<model>.json and prints a summary.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -96,6 +95,7 @@ def child(tree: Path, *args: str, env: dict | None = None) -> subprocess.Complet
 
 
 def timed_scan(tree: Path, model: str, work: Path, *extra: str) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     db = work / "results.db"
     t0 = time.perf_counter()
     child(tree, "cli", "scan", model, "--db", str(db), "--top", "5", *extra,
@@ -132,31 +132,33 @@ def matmul_rate(m: int, k: int, n: int, repeat: int = 10) -> float:
     return 2 * m * k * n * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def physical_bound(model: str, screen_tokens_per_s: float, new_tokens: int) -> dict:
-    """FLOPs per screened token and the time the CPU's matmul rate allows for the whole
-    vocabulary."""
+def physical_bound(model: str, screen_tokens_per_s: float) -> dict:
+    """FLOPs per screened token (the body on the screen's new tokens, one projection onto the
+    vocabulary) and the time the CPU's matmul rate allows for the whole vocabulary."""
     from harness.plugins import registry
+    from harness.probe import plan_prompt
     from harness.refs import resolve
     from harness.runner import load_backend
+    from probes import SCREEN
 
     reg = registry()
     be = load_backend(resolve(model, reg, None), reg)
-    cfg = be.model.config.get_text_config()
-    params = sum(p.numel() for p in be.model.parameters())
+    new = len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail)
     rows, d = be.model.get_input_embeddings().weight.shape
+    params = sum(p.numel() for p in be.model.parameters())
     body = params - rows * d * (1 if be.embeddings_tied() else 2)
-    flops = 2 * body * new_tokens + 2 * rows * d  # the body per new token, one projection
-    inner = getattr(cfg, "intermediate_size", 4 * d)
-    rate = min(matmul_rate(2048, d, inner), matmul_rate(1024, d, rows // 8))
+    flops = 2 * body * new + 2 * rows * d
+    inner = getattr(be.model.config.get_text_config(), "intermediate_size", 4 * d)
+    rate = max(matmul_rate(2048, d, inner), matmul_rate(1024, d, rows // 8))
     vocab = len(be.vocab())
     be.close()
-    return {"body_params": body, "new_tokens_per_token": new_tokens,
+    bound = vocab * flops / (rate * 1e9)
+    measured = vocab / screen_tokens_per_s
+    return {"new_tokens_per_token": new, "body_params": body,
             "gflop_per_token": round(flops / 1e9, 4), "matmul_gflops": round(rate, 1),
-            "bound_s": round(vocab * flops / (rate * 1e9), 1),
-            "measured_s": round(vocab / screen_tokens_per_s, 1),
-            "measured_over_bound": round(vocab * flops / (rate * 1e9) and
-                                         (vocab / screen_tokens_per_s)
-                                         / (vocab * flops / (rate * 1e9)), 2)}
+            "bound_s": round(bound, 1), "measured_s": round(measured, 1),
+            "tokens_per_s": round(screen_tokens_per_s, 1),
+            "measured_over_bound": round(measured / bound, 2)}
 
 
 def main() -> None:
@@ -165,6 +167,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--glitch", type=int, default=48, help="glitch tokens to time")
     ap.add_argument("--skip-baseline-scan", action="store_true")
+    ap.add_argument("--keep", type=Path, help="keep the scans' databases in this folder")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     report: dict = {"model": args.model, "machine": platform.machine(),
@@ -175,11 +178,12 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base),
                         args.baseline], check=True, capture_output=True)
         try:
-            current = timed_scan(ROOT, args.model, tmp / "current")
+            work = args.keep or tmp
+            current = timed_scan(ROOT, args.model, work / "current")
             report["current_scan"] = {k: v for k, v in current.items() if k != "glitch_ids"}
             print(json.dumps(report["current_scan"], indent=1), flush=True)
             if not args.skip_baseline_scan:
-                old = timed_scan(base, args.model, tmp / "old")
+                old = timed_scan(base, args.model, work / "baseline")
                 report["baseline_scan"] = {k: v for k, v in old.items() if k != "glitch_ids"}
                 print(json.dumps(report["baseline_scan"], indent=1), flush=True)
             ids = current["glitch_ids"]
@@ -206,23 +210,8 @@ def main() -> None:
                             str(base)], capture_output=True)
     screen = next(s for s in report["current_scan"]["stages"]
                   if s["detector"] == "repeat-screen")
-    from harness.probe import plan_prompt
-    from probes import SCREEN
-
-    sys.path.insert(0, str(ROOT))
-    if importlib.util.find_spec("transformers"):
-        from harness.plugins import registry
-        from harness.refs import resolve
-        from harness.runner import load_backend
-
-        reg = registry()
-        be = load_backend(resolve(args.model, reg, None), reg)
-        new = len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail)
-        be.close()
-        report["first_stage"] = physical_bound(args.model, screen["tokens"] / screen["wall_s"],
-                                               new)
-        report["first_stage"]["tokens_per_s"] = round(screen["tokens"] / screen["wall_s"], 1)
-        print(json.dumps(report["first_stage"], indent=1))
+    report["first_stage"] = physical_bound(args.model, screen["tokens"] / screen["wall_s"])
+    print(json.dumps(report["first_stage"], indent=1))
     out = args.out or ROOT / "benchmarks" / "results" / f"default_scan_{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

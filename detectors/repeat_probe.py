@@ -9,8 +9,9 @@ completion, compared with the token's text after normalising quotes, case and hy
 Work is cut where it does not change a verdict: prompts run cheapest first (fewest tokens per
 probe after the shared prefix), and a token leaves the queue as soon as one prompt shows the
 model repeating it. A glitch token never leaves early, so the long prompts have scouts: their
-opening (16 of the 101 repeats, 2 of the 20 trials), asked first; a token the scout leaves
-below ``scout_below`` (far under the threshold) skips the long prompt.
+openings (16 of the 101 repeats, 2 of the 20 trials), read on the way through the prompt; a
+token its scout leaves below ``scout_below`` (far under the threshold) stops there, and every
+other token goes on from what the scout computed, at no extra cost.
 """
 
 from __future__ import annotations
@@ -115,28 +116,21 @@ class RepeatProbe(Detector):
             else:
                 yield self._text_batch(ctx, batch)
 
-    def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int], bool], list],
-                 repeated: Callable[[int, PromptPlan, Any], bool],
-                 scouted: Callable[[int, PromptPlan, Any], bool] | None = None
+    def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int]], list],
+                 repeated: Callable[[int, PromptPlan, Any], bool]
                  ) -> tuple[dict[int, str], dict[int, str]]:
         """Run the prompts in order on the tokens not yet decided; ``ask`` answers a prompt
-        (or, with its last argument true, the prompt's scout) for some tokens (results with
-        ``error``), ``repeated`` records an answer and says whether it shows the model
-        repeating the token; ``scouted`` records a scout's answer and says whether the token
-        skips the long prompt. Returns the deciding prompt per decided token and the last
-        error per token that had one."""
+        for some tokens (results with ``error``), ``repeated`` records an answer and says
+        whether it shows the model repeating the token. Returns the deciding prompt per
+        decided token and the last error per token that had one."""
         decided: dict[int, str] = {}
         errors: dict[int, str] = {}
         todo = list(batch)
         for plan in self.plans:
             if not todo:
                 break
-            asked, still = todo, []
-            if plan.scout is not None and scouted is not None:
-                asked = []
-                for t, res in zip(todo, ask(plan.scout, todo, True), strict=True):
-                    (still if not res.error and scouted(t, plan, res) else asked).append(t)
-            for t, res in zip(asked, ask(plan, asked, False) if asked else [], strict=True):
+            still = []
+            for t, res in zip(todo, ask(plan, todo), strict=True):
                 if res.error:
                     errors[t] = res.error
                     still.append(t)
@@ -165,24 +159,20 @@ class RepeatProbe(Detector):
         scout_p: dict[int, dict[str, float]] = {t: {} for t in batch}
         greedy: dict[int, dict[str, list[int]]] = {t: {} for t in batch}
 
-        def ask(plan: PromptPlan, todo: list[int], scout: bool) -> list[ProbeResult]:
-            # a scout reads one position: it only has to show the token far below threshold
-            return be.probe([ProbeRequest(plan.tail_for(t), t, 1 if scout else steps,
-                                          plan.prefix, thr) for t in todo])
+        def ask(plan: PromptPlan, todo: list[int]) -> list[ProbeResult]:
+            checkpoint = plan.checkpoint if self.scout_below > 0 else None
+            return be.probe([ProbeRequest(plan.tail_for(t), t, steps, plan.prefix, thr,
+                                          checkpoint, self.scout_below) for t in todo])
 
         def repeated(t: int, plan: PromptPlan, res: ProbeResult) -> bool:
+            if res.gave_up:  # its scout left it far below the threshold
+                scout_p[t][plan.label] = res.max_prob
+                return False
             probs[t][plan.label] = res.max_prob
             greedy[t][plan.label] = res.ids
             return res.max_prob >= thr
 
-        def scouted(t: int, plan: PromptPlan, res: ProbeResult) -> bool:
-            if res.max_prob >= self.scout_below:
-                return False
-            scout_p[t][plan.label] = res.max_prob
-            return True
-
-        decided, errors = self._cascade(batch, ask, repeated,
-                                        scouted if self.scout_below > 0 else None)
+        decided, errors = self._cascade(batch, ask, repeated)
         details = self._details(be, batch, greedy) if self.details else {}
         findings = []
         for t in batch:
@@ -217,7 +207,7 @@ class RepeatProbe(Detector):
         bos = be.bos_ids()
         max_new = int(self.options["max_new_tokens"])
 
-        def ask(plan: PromptPlan, todo: list[int], scout: bool) -> list:
+        def ask(plan: PromptPlan, todo: list[int]) -> list:
             prompts = be.encode_batch([plan.token_text(texts[t]) for t in todo])
             return be.generate([GenerateRequest(bos + p, max_new) for p in prompts])
 

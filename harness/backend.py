@@ -96,7 +96,11 @@ class ProbeRequest:
     probability of ``target`` at each generated position.
 
     ``prefix`` is meant to be shared by many requests: backends evaluate it once and reuse
-    its key/value cache. Decoding may stop early once P(target) reaches ``stop_at``.
+    its key/value cache. Decoding may stop early once P(target) reaches ``stop_at``. With a
+    ``checkpoint``, a backend may first read P(target) after ``ids[:checkpoint]`` and give
+    up there when it is below ``give_up_below`` (the result says ``gave_up`` and holds that
+    one probability); the rest of ``ids`` continues from what the checkpoint computed, so a
+    request that goes on costs nothing more. A backend may also ignore the checkpoint.
     """
 
     ids: Sequence[int]
@@ -104,11 +108,15 @@ class ProbeRequest:
     steps: int = 3
     prefix: Sequence[int] = ()
     stop_at: float | None = None
+    checkpoint: int | None = None
+    give_up_below: float = 0.0
 
     def problem(self, n_rows: int | None = None) -> str | None:
         """Why this request cannot be probed, or None (see ``ScoreRequest.problem``)."""
         if not self.ids or self.steps < 1:
             return "a probe needs at least one token and one step"
+        if self.checkpoint is not None and not 0 < self.checkpoint < len(self.ids):
+            return f"checkpoint {self.checkpoint} outside 1..{len(self.ids) - 1}"
         return ids_problem([*self.prefix, *self.ids, self.target], n_rows)
 
 
@@ -117,6 +125,7 @@ class ProbeResult:
     probs: list[float] = field(default_factory=list)  # P(target) at each generated position
     ids: list[int] = field(default_factory=list)  # the greedy tokens
     error: str | None = None
+    gave_up: bool = False  # stopped at the checkpoint: ``probs`` holds the one read there
 
     @property
     def max_prob(self) -> float:

@@ -60,7 +60,7 @@ class PromptPlan:
     tail: tuple[int, ...]
     slots: tuple[int, ...]
     text: str
-    scout: PromptPlan | None = None  # a shorter prompt of the same kind (see ProbeSet.scouts)
+    checkpoint: int | None = None  # the length of its scout's tail (see ProbeSet.scouts)
 
     def tail_for(self, token_id: int) -> list[int]:
         ids = list(self.tail)
@@ -101,11 +101,25 @@ def plan_prompt(template: str, label: str, encode: Callable[[str], list[int]],
 
 def plan_probe_set(probe_set: ProbeSet, encode: Callable[[str], list[int]],
                    bos: Sequence[int] = ()) -> list[PromptPlan]:
-    """Every template of ``probe_set`` planned, each with its scout where it has one."""
+    """Every template of ``probe_set`` planned; where it has a scout, the scout's tail must
+    open the template's tail, and its length is the template's ``checkpoint``."""
+    from harness.errors import HarnessError
+
+    plans = []
     scouts = probe_set.scouts or (None,) * len(probe_set.templates)
-    return [replace(plan_prompt(t, lab, encode, bos),
-                    scout=None if s is None else plan_prompt(s, f"{lab}:scout", encode, bos))
-            for t, lab, s in zip(probe_set.templates, probe_set.labels, scouts, strict=True)]
+    for template, label, scout in zip(probe_set.templates, probe_set.labels, scouts,
+                                      strict=True):
+        plan = plan_prompt(template, label, encode, bos)
+        if scout is not None:
+            short = plan_prompt(scout, label, encode, bos)
+            n = len(short.tail)
+            if (short.prefix != plan.prefix or plan.tail[:n] != short.tail
+                    or short.slots != tuple(s for s in plan.slots if s < n) or n >= len(plan.tail)):
+                raise HarnessError(f"probe set {probe_set.name!r}: the scout of {label!r} is "
+                                   "not an opening of its prompt as this tokenizer encodes it")
+            plan = replace(plan, checkpoint=n)
+        plans.append(plan)
+    return plans
 
 
 def _plan(template: str, label: str, encode: Callable[[str], list[int]]) -> PromptPlan:

@@ -236,3 +236,29 @@ def test_blockwise_read_equals_the_full_softmax():
     full = torch.log_softmax(hidden @ weight.T, dim=-1)
     torch.testing.assert_close(logp, full[torch.arange(700), targets], atol=2e-5, rtol=0)
     assert torch.equal(best, full.argmax(dim=1))
+
+
+def test_a_checkpoint_gives_up_early_or_changes_nothing(tiny):
+    from harness.backend import ProbeRequest
+
+    ids = tiny.encode(" the cat sat on the mat and the dog")
+    prefix = tiny.encode("Repeat:")
+    for shared in (True, False):
+        tiny._shared_prefix = shared
+        plain = tiny.probe([ProbeRequest(ids, t, 3, prefix) for t in (5, 6)])
+        opening = tiny.probe([ProbeRequest(ids[:4], t, 1, prefix) for t in (5, 6)])
+        # below the bar at the checkpoint: given up, with the probability read there
+        low = tiny.probe([ProbeRequest(ids, t, 3, prefix, checkpoint=4, give_up_below=1.0)
+                          for t in (5, 6)])
+        for got, want in zip(low, opening, strict=True):
+            assert got.gave_up and not got.ids
+            np.testing.assert_allclose(got.probs, want.probs, rtol=1e-5)
+        # above it: the same answer as without a checkpoint
+        high = tiny.probe([ProbeRequest(ids, t, 3, prefix, checkpoint=4, give_up_below=0.0)
+                           for t in (5, 6)])
+        for got, want in zip(high, plain, strict=True):
+            assert not got.gave_up and got.ids == want.ids
+            np.testing.assert_allclose(got.probs, want.probs, rtol=1e-5)
+    tiny._shared_prefix = True
+    (bad,) = tiny.probe([ProbeRequest(ids, 5, 3, prefix, checkpoint=len(ids))])
+    assert "checkpoint" in bad.error

@@ -241,3 +241,23 @@ def test_untied_output_matrix_is_read_from_its_own_tensor(untied_gguf, smollm2):
         assert tied.ids != flipped.ids
     finally:
         untied.close()
+
+
+def test_a_checkpoint_gives_up_early_or_changes_nothing_in_llamacpp(smollm2):
+    from harness.backend import ProbeRequest
+    from harness.probe import plan_probe_set
+    from probes import VERIFY_3
+
+    repeats = plan_probe_set(VERIFY_3, smollm2.encode, smollm2.bos_ids())[1]
+    assert repeats.label == "repeats" and repeats.checkpoint == 16
+    tokens = [43858, 1000]  # a glitch token, then " ()"... an ordinary one
+    req = [ProbeRequest(repeats.tail_for(t), t, 3, repeats.prefix, checkpoint=16,
+                        give_up_below=1e-3) for t in tokens]
+    got = smollm2.probe(req)
+    alone = smollm2.probe([ProbeRequest(repeats.tail_for(t)[:16], t, 1, repeats.prefix)
+                           for t in tokens])
+    plain = smollm2.probe([ProbeRequest(repeats.tail_for(t), t, 3, repeats.prefix)
+                           for t in tokens])
+    assert got[0].gave_up and not got[1].gave_up
+    assert abs(np.log(got[0].probs[0]) - np.log(alone[0].probs[0])) < 0.5
+    assert got[1].ids == plain[1].ids
