@@ -58,7 +58,8 @@ def latest(engine, model_id: int, detector: str) -> dict[int, tuple[str, float |
     return out
 
 
-def build_reference(model: str, db: Path, full: bool, sample: int, seed: int) -> dict:
+def build_reference(model: str, db: Path, full: bool, sample: int, seed: int,
+                    flagged_sample: int | None) -> dict:
     engine = open_db(f"sqlite:///{db}")
     t0 = time.perf_counter()
     static = scan(model, engine, list(DEFAULT_STATIC))
@@ -66,6 +67,8 @@ def build_reference(model: str, db: Path, full: bool, sample: int, seed: int) ->
     rng = np.random.default_rng(seed)
     random = np.sort(rng.choice(static.vocab_size, min(sample, static.vocab_size),
                                 replace=False))
+    if flagged_sample is not None and flagged_sample < len(flagged):
+        flagged = np.sort(rng.choice(flagged, flagged_sample, replace=False))
     if full:
         result = scan(model, engine, ["repeat-probe"], detector_options=EXACT, full=True)
     else:
@@ -117,6 +120,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference-db", type=Path)
     ap.add_argument("--scan-db", type=Path)
+    ap.add_argument("--flagged-sample", type=int,
+                    help="of the static detectors' flagged tokens, only this many (random)")
+    ap.add_argument("--reference-only", action="store_true", help="build it, then stop")
     ap.add_argument("--stored", action="store_true",
                     help="read the reference database as it is (any finished exact run)")
     ap.add_argument("--out", type=Path)
@@ -128,8 +134,11 @@ def main() -> None:
     if args.stored:
         ref = stored_reference(ref_db, args.sample, args.seed)
     else:
-        ref = build_reference(args.model, ref_db, args.all, args.sample, args.seed)
+        ref = build_reference(args.model, ref_db, args.all, args.sample, args.seed,
+                              args.flagged_sample)
     print(f"reference: run {ref['run']} ({ref['status']}), {ref['wall_s']} s")
+    if args.reference_only:
+        return
     engine = open_db(f"sqlite:///{scan_db}")
     t0 = time.perf_counter()
     result = scan(args.model, engine)
@@ -150,7 +159,7 @@ def main() -> None:
 
     sent = share(ref_glitch, lambda t: t in verified)
     unsettled = share(ref_glitch, lambda t: screen.get(t, ("ok",))[0] != "ok")
-    random = set(ref["random"])
+    random = set() if args.all else set(ref["random"])
     pairs = [(exact[t][0], final[t][0]) for t in tokens]
     pairs_random = [(exact[t][0], final[t][0]) for t in tokens if t in random]
     both = [t for t in tokens if t in verified]

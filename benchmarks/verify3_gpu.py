@@ -205,9 +205,15 @@ def install_timers(be: HFBackend, timers: Timers, undo: list[Callable[[], None]]
 
     be._prefix_cache = timed_prefix  # type: ignore[method-assign]
     undo.append(lambda: vars(be).pop("_prefix_cache", None))
-    for hook in (be.model.register_forward_pre_hook(before, with_kwargs=True),
-                 be.model.register_forward_hook(after, with_kwargs=True)):
+    body = be.model.base_model  # the backend runs the body and projects what it reads
+    for hook in (body.register_forward_pre_hook(before, with_kwargs=True),
+                 body.register_forward_hook(after, with_kwargs=True)):
         undo.append(hook.remove)
+    from backends.shared_prefix import SharedPrefix
+
+    select = SharedPrefix.select
+    SharedPrefix.select = timers.wrap(select, "kv_select")  # type: ignore[method-assign]
+    undo.append(lambda: setattr(SharedPrefix, "select", select))
     hf_copy = hf_module.copy
     hf_module.copy = types.SimpleNamespace(  # type: ignore[assignment]
         deepcopy=timers.wrap(copy.deepcopy, "kv_copy"))

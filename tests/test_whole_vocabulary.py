@@ -131,3 +131,16 @@ def test_scouts_skip_the_long_prompts_for_unused_tokens_only(gemma):
         assert all(p < 1e-5 for p in fast[t].evidence["scout"].values())
         assert not set(fast[t].evidence["scout"]) & set(fast[t].evidence["p"])
     assert all(fast[t].verdict == "ok" and "scout" not in fast[t].evidence for t in ordinary)
+
+
+def test_a_fresh_gguf_conversion_prints_nothing_of_its_own(tmp_path, monkeypatch, capfd):
+    """transformers' conversion bar and warnings stay out of the scan's output."""
+    from harness.cli import main
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path / "home"))
+    main(["scan", "smollm2", "-d", "embedding-centroid"])  # returns: exit status 0
+    out, err = capfd.readouterr()
+    assert (tmp_path / "cache" / "hf-from-gguf").is_dir()
+    for noise in ("Converting", "de-quantizing", "Warning", "warn", "it/s"):
+        assert noise not in err and noise not in out, err
