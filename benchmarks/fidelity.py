@@ -138,13 +138,30 @@ def confusion(pairs: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in sorted(table.items())}
 
 
-def precision_recall(pairs: list[tuple[str, str]]) -> dict[str, float | int]:
-    tp = sum(r == "glitch" and g == "glitch" for r, g in pairs)
-    fp = sum(r != "glitch" and g == "glitch" for r, g in pairs)
-    fn = sum(r == "glitch" and g != "glitch" for r, g in pairs)
-    return {"tp": tp, "fp": fp, "fn": fn,
+def precision_recall(pairs: list[tuple[str, str]], weights: list[float] | None = None
+                     ) -> dict[str, float | int]:
+    """Counts and precision / recall of ``glitch``; with ``weights`` (a token's share of the
+    vocabulary it stands for), counts estimated for the whole vocabulary."""
+    w = weights or [1.0] * len(pairs)
+    tp = sum(x for (r, g), x in zip(pairs, w, strict=True) if r == "glitch" and g == "glitch")
+    fp = sum(x for (r, g), x in zip(pairs, w, strict=True) if r != "glitch" and g == "glitch")
+    fn = sum(x for (r, g), x in zip(pairs, w, strict=True) if r == "glitch" and g != "glitch")
+    return {"tp": round(tp, 1), "fp": round(fp, 1), "fn": round(fn, 1),
             "precision": round(tp / (tp + fp), 4) if tp + fp else None,
             "recall": round(tp / (tp + fn), 4) if tp + fn else None}
+
+
+def stratum_weights(tokens: list[int], bounds: list[int], vocab: int) -> dict[int, float]:
+    """A reference built in parts, each part a uniform sample of one id range (``bounds``
+    split 0..vocab): per token, how many vocabulary tokens of its range it stands for."""
+    edges = [0, *bounds, vocab]
+    ids = np.asarray(tokens)
+    out: dict[int, float] = {}
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        inside = ids[(ids >= lo) & (ids < hi)]
+        for t in inside.tolist():
+            out[t] = (hi - lo) / len(inside)
+    return out
 
 
 def main() -> None:
@@ -160,6 +177,9 @@ def main() -> None:
     ap.add_argument("--reference-only", action="store_true", help="build it, then stop")
     ap.add_argument("--stored", action="store_true",
                     help="read the reference database as it is (every exact run, finished or not)")
+    ap.add_argument("--strata", help="comma-separated token ids splitting the vocabulary into "
+                    "ranges that the reference sampled uniformly, at different rates: "
+                    "precision and recall are also estimated for the whole vocabulary")
     ap.add_argument("--on-reference", action="store_true",
                     help="run the default pipeline on the reference's tokens only")
     ap.add_argument("--out", type=Path)
@@ -208,6 +228,9 @@ def main() -> None:
     ref_ok = [t for t in tokens if exact[t][0] == "ok"]
     strong = [t for t in ref_glitch if (exact[t][1] or 0) < 1e-3]
 
+    weights = (stratum_weights(tokens, [int(x) for x in args.strata.split(",")],
+                               result.vocab_size) if args.strata else None)
+
     def share(sel: list[int], pred) -> float | None:
         return round(sum(map(pred, sel)) / len(sel), 4) if sel else None
 
@@ -237,9 +260,17 @@ def main() -> None:
             "recall_sent_strong": share(strong, lambda t: t in verified),
             "missed": [t for t in ref_glitch if t not in verified],
             "ok_settled_by_screen": share(ref_ok, lambda t: screen.get(t, ("",))[0] == "ok"),
+            "recall_sent_whole_vocabulary_estimate": precision_recall(
+                [(exact[t][0], "glitch" if t in verified else "ok") for t in tokens],
+                [weights[t] for t in tokens])["recall"] if weights else None,
         },
         "verdicts": {"confusion_reference_by_scan": confusion(pairs),
                      "glitch": precision_recall(pairs),
+                     "glitch_whole_vocabulary_estimate": precision_recall(
+                         pairs, [weights[t] for t in tokens]) if weights else None,
+                     "recall_strong_whole_vocabulary_estimate": precision_recall(
+                         [(exact[t][0] if t in strong else "ok", final[t][0]) for t in tokens],
+                         [weights[t] for t in tokens])["recall"] if weights else None,
                      "glitch_random_sample": precision_recall(pairs_random) if random else None},
         "scouts": {"tokens_verified_by_both": len(both), "verdict_agreement": agree,
                    "disagree": [t for t in both if verified[t][0] != exact[t][0]]},
