@@ -72,18 +72,36 @@ def _bulk_insert(conn: Connection, table: Any, rows: list[tuple],
         stmt = _insert_ignoring_duplicates(conn, table) if ignore_duplicates else insert(table)
         _executemany(conn, stmt, [dict(zip(names, r, strict=True)) for r in rows])
         return
+    import psycopg
+
+    if ignore_duplicates:
+        try:  # duplicates are rare (a resumed batch): straight in, unless one is there
+            with conn.begin_nested():
+                _copy(conn, table.name, table, rows)
+            return
+        except psycopg.errors.UniqueViolation:
+            pass
+    else:
+        _copy(conn, table.name, table, rows)
+        return
     cols = ", ".join(c.name for c in table.columns)
-    target = f"{table.name}_incoming" if ignore_duplicates else table.name
+    scratch = f"{table.name}_incoming"
     with conn.connection.driver_connection.cursor() as cur:
-        if ignore_duplicates:
-            cur.execute(f"CREATE TEMP TABLE {target} (LIKE {table.name}) ON COMMIT DROP")
-        with cur.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        if ignore_duplicates:
-            cur.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {target} "
-                        "ON CONFLICT DO NOTHING")
-            cur.execute(f"DROP TABLE {target}")
+        cur.execute(f"CREATE TEMP TABLE {scratch} (LIKE {table.name}) ON COMMIT DROP")
+    _copy(conn, scratch, table, rows)
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {scratch} "
+                    "ON CONFLICT DO NOTHING")
+        cur.execute(f"DROP TABLE {scratch}")
+
+
+def _copy(conn: Connection, target: str, table: Any, rows: list[tuple]) -> None:
+    """``COPY`` ``rows`` into the table ``target`` (``table``'s columns) on PostgreSQL."""
+    cols = ", ".join(c.name for c in table.columns)
+    with conn.connection.driver_connection.cursor() as cur, \
+            cur.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 # --- models and tokens ----------------------------------------------------------------------
