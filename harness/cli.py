@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
 import click
@@ -380,7 +382,14 @@ def cmd_sql(
     cols, rows = query_readonly(_db_url(db), query, timeout_s=timeout)
 
     def cell(v: Any) -> Any:
-        return v.hex() if isinstance(v, bytes) else v
+        # PostgreSQL hands back timestamps, numerics (a sum) and bytes as such
+        if isinstance(v, bytes | memoryview):
+            return bytes(v).hex()
+        if isinstance(v, datetime | date):
+            return v.isoformat(sep=" ") if isinstance(v, datetime) else v.isoformat()
+        if isinstance(v, Decimal):
+            return int(v) if v == v.to_integral_value() else float(v)
+        return v
 
     if as_json:
         sys.stdout.write(json.dumps([{c: cell(v) for c, v in zip(cols, r, strict=True)}

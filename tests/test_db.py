@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -188,6 +189,11 @@ def test_sql_on_postgresql_through_the_cli(cli, pg_rows):
                          "--csv")
     assert code == 0, err
     assert out.splitlines() == ["ref,pattern", "x:y,a%"]
+    # timestamps and numerics as JSON (SQLite hands back text and integers)
+    code, out, err = cli("sql", "SELECT created_utc, sum(vocab_size) AS n, avg(vocab_size) AS a "
+                         "FROM models GROUP BY created_utc", "--db", pg_rows, "--json")
+    assert code == 0, err
+    assert json.loads(out) == [{"created_utc": "2026-01-01 00:00:00", "n": 2, "a": 2}]
     code, _, err = cli("sql", "COPY models TO PROGRAM 'true'", "--db", pg_rows)
     assert code == 2 and "only queries are allowed" in err and err.count("\n") == 1
     assert query(pg_rows, "SELECT count(*) FROM models") == [(1,)]
