@@ -17,12 +17,13 @@ Measured:
    tokens, through `repeat-probe` with verify-3, in one process per checkout: the baseline's
    code, the current code with its scouts off (the exact cascade) and on (the default);
    tokens/s, and whether the verdicts agree;
-3. the first stage against the physical bound: the FLOPs of one forward pass of the screen's
-   new tokens per vocabulary token (plus the projection of the read position onto the
-   vocabulary), at the float32 matrix-multiply rate this CPU reaches on the model's shapes.
+3. the physical bounds, at the float32 matrix-multiply rate this CPU reaches on the model's
+   shapes: for the first stage, one forward pass of the screen's new tokens per vocabulary
+   token (plus the projection of the read position onto the vocabulary); for a glitch token,
+   the exact cascade's work (every verify-3 prompt's new tokens, two greedy steps each).
 
     .venv/bin/python benchmarks/default_scan.py [smollm2|gemma3-270m] [--glitch 48]
-        [--baseline REV] [--skip-baseline-scan]
+        [--baseline REV] [--skip-baseline-scan] [--cascade-only REFERENCE_DB]
 
 Writes benchmarks/results/default_scan_<model>.json and prints a summary.
 """
@@ -132,33 +133,58 @@ def matmul_rate(m: int, k: int, n: int, repeat: int = 10) -> float:
     return 2 * m * k * n * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def physical_bound(model: str, screen_tokens_per_s: float) -> dict:
-    """FLOPs per screened token (the body on the screen's new tokens, one projection onto the
-    vocabulary) and the time the CPU's matmul rate allows for the whole vocabulary."""
+def shapes(model: str) -> dict:
+    """What the bounds need of the model: the body's parameters, the vocabulary projection's
+    shape, and the new tokens per vocabulary token of the screen and of each verify-3 prompt."""
     from harness.plugins import registry
     from harness.probe import plan_prompt
     from harness.refs import resolve
     from harness.runner import load_backend
-    from probes import SCREEN
+    from probes import SCREEN, VERIFY_3
 
     reg = registry()
     be = load_backend(resolve(model, reg, None), reg)
-    new = len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail)
     rows, d = be.model.get_input_embeddings().weight.shape
     params = sum(p.numel() for p in be.model.parameters())
-    body = params - rows * d * (1 if be.embeddings_tied() else 2)
-    flops = 2 * body * new + 2 * rows * d
-    inner = getattr(be.model.config.get_text_config(), "intermediate_size", 4 * d)
-    rate = max(matmul_rate(2048, d, inner), matmul_rate(1024, d, rows // 8))
-    vocab = len(be.vocab())
+    out = {"rows": rows, "d": d, "vocab": len(be.vocab()),
+           "body": params - rows * d * (1 if be.embeddings_tied() else 2),
+           "inner": getattr(be.model.config.get_text_config(), "intermediate_size", 4 * d),
+           "screen_new": len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail),
+           "verify_new": [len(plan_prompt(t, "x", be.encode).tail)
+                          for t in VERIFY_3.templates]}
     be.close()
-    bound = vocab * flops / (rate * 1e9)
-    measured = vocab / screen_tokens_per_s
-    return {"new_tokens_per_token": new, "body_params": body,
-            "gflop_per_token": round(flops / 1e9, 4), "matmul_gflops": round(rate, 1),
-            "bound_s": round(bound, 1), "measured_s": round(measured, 1),
-            "tokens_per_s": round(screen_tokens_per_s, 1),
-            "measured_over_bound": round(measured / bound, 2)}
+    return out
+
+
+def physical_bound(m: dict, screen_tokens_per_s: float | None,
+                   glitch_tokens_per_s: float | None) -> dict:
+    """The first stage: FLOPs per screened token (the body on the screen's new tokens, one
+    projection onto the vocabulary) and the time the CPU's matmul rate allows for the whole
+    vocabulary. A glitch token: the body on every verify-3 prompt's new tokens plus two
+    greedy steps each, three projections each."""
+    rate = max(matmul_rate(2048, m["d"], m["inner"]), matmul_rate(1024, m["d"], m["rows"] // 8))
+    head = 2 * m["rows"] * m["d"]
+    flops = 2 * m["body"] * m["screen_new"] + head
+    bound = m["vocab"] * flops / (rate * 1e9)
+    out = {"matmul_gflops": round(rate, 1), "body_params": m["body"], "first_stage": {
+        "new_tokens_per_token": m["screen_new"], "gflop_per_token": round(flops / 1e9, 4),
+        "bound_s": round(bound, 1)}}
+    if screen_tokens_per_s:
+        measured = m["vocab"] / screen_tokens_per_s
+        out["first_stage"].update(measured_s=round(measured, 1),
+                                  tokens_per_s=round(screen_tokens_per_s, 1),
+                                  measured_over_bound=round(measured / bound, 2))
+    steps = 3
+    new = sum(m["verify_new"]) + len(m["verify_new"]) * (steps - 1)
+    gflop = (2 * m["body"] * new + head * len(m["verify_new"]) * steps) / 1e9
+    out["glitch_token"] = {"new_tokens_per_prompt": m["verify_new"],
+                           "gflop_per_token": round(gflop, 2),
+                           "bound_tokens_per_s": round(rate / gflop, 3)}
+    if glitch_tokens_per_s:
+        out["glitch_token"]["measured_tokens_per_s"] = glitch_tokens_per_s
+        out["glitch_token"]["bound_over_measured"] = round(rate / gflop / glitch_tokens_per_s,
+                                                           2)
+    return out
 
 
 def main() -> None:
@@ -167,6 +193,9 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--glitch", type=int, default=48, help="glitch tokens to time")
     ap.add_argument("--skip-baseline-scan", action="store_true")
+    ap.add_argument("--cascade-only", type=Path, metavar="DB",
+                    help="no scans: time the cascade on the glitch tokens of repeat-probe "
+                         "findings in DB (a reference built by fidelity.py)")
     ap.add_argument("--keep", type=Path, help="keep the scans' databases in this folder")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -179,10 +208,18 @@ def main() -> None:
                         args.baseline], check=True, capture_output=True)
         try:
             work = args.keep or tmp
-            current = timed_scan(ROOT, args.model, work / "current")
-            report["current_scan"] = {k: v for k, v in current.items() if k != "glitch_ids"}
-            print(json.dumps(report["current_scan"], indent=1), flush=True)
-            if not args.skip_baseline_scan:
+            if args.cascade_only:
+                with sqlite3.connect(args.cascade_only) as conn:
+                    current = {"glitch_ids": [t for (t,) in conn.execute(
+                        "SELECT DISTINCT f.token_id FROM findings f JOIN runs r ON r.id = "
+                        "f.run_id WHERE r.detector = 'repeat-probe' AND f.verdict = 'glitch' "
+                        "ORDER BY f.token_id")]}
+            else:
+                current = timed_scan(ROOT, args.model, work / "current")
+                report["current_scan"] = {k: v for k, v in current.items()
+                                          if k != "glitch_ids"}
+                print(json.dumps(report["current_scan"], indent=1), flush=True)
+            if not args.skip_baseline_scan and not args.cascade_only:
                 old = timed_scan(base, args.model, work / "baseline")
                 report["baseline_scan"] = {k: v for k, v in old.items() if k != "glitch_ids"}
                 print(json.dumps(report["baseline_scan"], indent=1), flush=True)
@@ -208,10 +245,12 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(base)], capture_output=True)
-    screen = next(s for s in report["current_scan"]["stages"]
-                  if s["detector"] == "repeat-screen")
-    report["first_stage"] = physical_bound(args.model, screen["tokens"] / screen["wall_s"])
-    print(json.dumps(report["first_stage"], indent=1))
+    screen = next((s for s in report.get("current_scan", {}).get("stages", [])
+                   if s["detector"] == "repeat-screen"), None)
+    exact = report["glitch_cascade"]["exact"]["tokens_per_s"]
+    report["bounds"] = physical_bound(shapes(args.model),
+                                      screen and screen["tokens"] / screen["wall_s"], exact)
+    print(json.dumps(report["bounds"], indent=1))
     out = args.out or ROOT / "benchmarks" / "results" / f"default_scan_{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

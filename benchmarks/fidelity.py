@@ -19,8 +19,15 @@ Over the reference's tokens:
 - the scouts: on the tokens both verified, how often the scan's `repeat-probe` (scouts on)
   agrees with the exact cascade.
 
+With `--on-reference` the default pipeline runs on the reference's tokens only, stage by stage
+as `harness scan` runs it on the whole vocabulary (static detectors on every token, the screen
+on these tokens, `repeat-probe` with its scouts on what the screen did not settle and what a
+static detector flagged): the same verdicts for these tokens at a fraction of the time, and
+measured stage rates from which the whole-vocabulary scan is projected.
+
     .venv/bin/python benchmarks/fidelity.py smollm2 --all
-    .venv/bin/python benchmarks/fidelity.py gemma3-270m --sample 3000
+    .venv/bin/python benchmarks/fidelity.py gemma3-270m --sample 3000 --flagged-sample 1000 \
+        --on-reference
 
 Writes benchmarks/results/fidelity_<model>.json and prints a summary.
 """
@@ -38,24 +45,34 @@ import numpy as np
 from sqlalchemy import text
 
 from harness.db import open_db
-from harness.runner import DEFAULT_STATIC, flagged_tokens, scan
+from harness.runner import DEFAULT_SCREEN, DEFAULT_STATIC, flagged_tokens, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = {"repeat-probe": {"scout_below": 0}}
 
 
-def latest(engine, model_id: int, detector: str) -> dict[int, tuple[str, float | None]]:
+def latest(engine, model_id: int, detector: str, unfinished: bool = False
+           ) -> dict[int, tuple[str, float | None]]:
     """Per token, the verdict and score of the latest finished run of ``detector`` that
-    examined it."""
+    examined it (with ``unfinished``, of any run: an interrupted reference build counts for
+    the tokens it finished)."""
     out: dict[int, tuple[str, float | None]] = {}
+    done = "" if unfinished else "AND r.status = 'done' "
     with engine.connect() as conn:
         rows = conn.execute(text(
             "SELECT f.token_id, f.verdict, f.score FROM findings f JOIN runs r ON r.id = "
-            "f.run_id WHERE r.model_id = :m AND r.detector = :d AND r.status = 'done' "
+            f"f.run_id WHERE r.model_id = :m AND r.detector = :d {done}"
             "ORDER BY r.id"), {"m": model_id, "d": detector}).all()
     for t, v, s in rows:
         out[int(t)] = (v, s)
     return out
+
+
+def latest_run(engine, model_id: int, detector: str) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT max(id) FROM runs WHERE model_id = :m AND detector = :d AND status = 'done'"
+        ), {"m": model_id, "d": detector}).scalar()
 
 
 def build_reference(model: str, db: Path, full: bool, sample: int, seed: int,
@@ -88,12 +105,30 @@ def stored_reference(db: Path, sample: int, seed: int) -> dict:
     with engine.connect() as conn:
         model_id, vocab = conn.execute(text("SELECT id, vocab_size FROM models")).one()
         run, wall = conn.execute(text(
-            "SELECT id, wall_s FROM runs WHERE detector = 'repeat-probe' AND status = 'done' "
-            "ORDER BY id DESC")).first()
+            "SELECT id, wall_s FROM runs WHERE detector = 'repeat-probe' ORDER BY id DESC"
+        )).first()
     rng = np.random.default_rng(seed)
     random = np.sort(rng.choice(vocab, min(sample, vocab), replace=False))
     return {"model_id": model_id, "vocab": vocab, "wall_s": wall, "run": run,
             "status": "stored", "flagged": [], "random": random.tolist(), "engine": engine}
+
+
+def scan_on(model: str, engine, tokens: list[int]) -> tuple[object, dict]:
+    """The default pipeline, stage by stage, on ``tokens`` only; the last scan's result and
+    the stages' sizes, walls and rates."""
+    static = scan(model, engine, list(DEFAULT_STATIC))
+    screen = scan(model, engine, [DEFAULT_SCREEN], tokens=tokens)
+    runs = [o.run_id for o in static.outcomes + screen.outcomes]
+    verify = np.intersect1d(flagged_tokens(engine, runs), tokens).tolist()
+    result = scan(model, engine, ["repeat-probe"], tokens=verify)
+    walls = {o.detector: o.wall_s for o in static.outcomes + screen.outcomes
+             + result.outcomes}
+    stages = {"screened": len(tokens), "verified": len(verify),
+              "stages_s": {k: round(v, 1) for k, v in walls.items()},
+              "screen_tok_per_s": round(len(tokens) / walls[DEFAULT_SCREEN], 1),
+              "verify_tok_per_s": round(len(verify) / walls["repeat-probe"], 3)
+              if verify else None}
+    return result, stages
 
 
 def confusion(pairs: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
@@ -124,7 +159,9 @@ def main() -> None:
                     help="of the static detectors' flagged tokens, only this many (random)")
     ap.add_argument("--reference-only", action="store_true", help="build it, then stop")
     ap.add_argument("--stored", action="store_true",
-                    help="read the reference database as it is (any finished exact run)")
+                    help="read the reference database as it is (every exact run, finished or not)")
+    ap.add_argument("--on-reference", action="store_true",
+                    help="run the default pipeline on the reference's tokens only")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     work = ROOT / "benchmarks" / "results"
@@ -140,16 +177,33 @@ def main() -> None:
     if args.reference_only:
         return
     engine = open_db(f"sqlite:///{scan_db}")
+    exact = latest(ref["engine"], ref["model_id"], "repeat-probe", unfinished=args.stored)
     t0 = time.perf_counter()
-    result = scan(args.model, engine)
+    stages = None
+    if args.on_reference:
+        result, stages = scan_on(args.model, engine, sorted(exact))
+    else:
+        result = scan(args.model, engine)
     scan_wall = time.perf_counter() - t0
     mid = result.model_id
-
-    exact = latest(ref["engine"], ref["model_id"], "repeat-probe")
     screen = latest(engine, mid, "repeat-screen")
     verified = latest(engine, mid, "repeat-probe")
     final = latest(engine, mid, "verdict")
     tokens = sorted(exact)
+    if stages:
+        # the whole-vocabulary scan from the measured rates: the screen on every token, the
+        # cascade on the random sample's unsettled share of the rest plus every static flag
+        static_flags = set(flagged_tokens(engine, [
+            o for o in (latest_run(engine, mid, d) for d in DEFAULT_STATIC) if o]).tolist())
+        rnd = [t for t in ref["random"] if t in screen]
+        unsettled = (sum(screen[t][0] != "ok" and t not in static_flags for t in rnd)
+                     / len(rnd)) if rnd else 0.0
+        n_verify = len(static_flags) + unsettled * (result.vocab_size - len(static_flags))
+        stages["projected_whole_vocabulary"] = {
+            "verify_tokens": round(n_verify),
+            "screen_s": round(result.vocab_size / stages["screen_tok_per_s"]),
+            "verify_s": round(n_verify / stages["verify_tok_per_s"])
+            if stages["verify_tok_per_s"] else None}
     ref_glitch = [t for t in tokens if exact[t][0] == "glitch"]
     ref_ok = [t for t in tokens if exact[t][0] == "ok"]
     strong = [t for t in ref_glitch if (exact[t][1] or 0) < 1e-3]
@@ -172,9 +226,11 @@ def main() -> None:
                       "wall_s_this_call": ref["wall_s"]},
         "default_scan": {"wall_s_this_call": round(scan_wall, 1), "vocab": result.vocab_size,
                          "verified": len(verified),
-                         "glitch": sum(v == "glitch" for v, _ in final.values()),
+                         "glitch": sum(v == "glitch" for t, (v, _) in final.items()
+                                       if not args.on_reference or t in exact),
                          "stages_s": {o.detector: round(o.wall_s, 1)
-                                      for o in result.outcomes}},
+                                      for o in result.outcomes},
+                         "on_reference_tokens_only": stages},
         "first_stage": {
             "recall_sent_to_verification": sent,
             "recall_screen_alone": unsettled,
