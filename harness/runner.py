@@ -12,21 +12,17 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
-from harness import __version__
+from harness import __version__, store
 from harness.backend import Backend
 from harness.detector import Detector, Finding, FindingArrays, ScanContext
 from harness.errors import HarnessError
 from harness.plugins import Registry, registry
 from harness.refs import ResolvedRef, resolve
-from harness.schema import Model, Run
-from harness.summary import run_arrays
 from harness.vocab import Vocab, analyze
 
 DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-screen",
@@ -34,9 +30,9 @@ DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-screen"
 DEFAULT_STATIC = ("embedding-centroid", "unembedding-cosine")
 DEFAULT_SCREEN = "repeat-screen"
 DEFAULT_CANDIDATES = 0.02  # budget mode: per static indicator, a fraction of the vocabulary
-VERDICT = "verdict"  # the pseudo-detector whose run holds the final verdict of every token
+VERDICT = store.VERDICT  # the pseudo-detector whose run holds the final verdict of every token
 VERDICT_VERSION = "2"
-FLAGGED = ("glitch", "suspect")
+FLAGGED = store.FLAGGED
 BUDGET_HINT_S = 15 * 60  # past this estimate, a scan points at the budget mode
 
 
@@ -76,10 +72,6 @@ class ScanResult:
     verdict: DetectorOutcome | None = None
 
 
-def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 def load_backend(ref: ResolvedRef, reg: Registry, **backend_options: Any) -> Backend:
     entry = reg.backends[ref.backend]
     options = {k: v for k, v in backend_options.items() if v is not None}
@@ -110,47 +102,34 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
     fp = backend.fingerprint()
     key = fp.key()
     with engine.begin() as conn:
-        row = conn.execute(select(Model.id).where(Model.fingerprint == key)).first()
-        if row is not None:
-            model_id = row[0]
-            cats = [c for (c,) in conn.exec_driver_sql(
-                "SELECT category FROM tokens WHERE model_id = ? ORDER BY token_id",
-                (model_id,)).fetchall()]
-            if len(cats) == len(vocab):
-                conn.execute(text("UPDATE models SET alias = coalesce(:a, alias) WHERE id = :m"),
-                             {"a": ref.alias, "m": model_id})
-                return model_id, np.array(cats, dtype=object), key
-            conn.execute(text("DELETE FROM tokens WHERE model_id = :m"), {"m": model_id})
-        else:
-            meta = {**backend.describe(), "fingerprint": fp.__dict__}
-            model_id = conn.execute(
-                Model.__table__.insert().values(
-                    ref=ref.ref, alias=ref.alias, backend=ref.backend, fingerprint=key,
-                    tokenizer_hash=fp.tokenizer_hash, vocab_size=len(vocab),
-                    meta_json=json.dumps(meta, default=str), created_utc=now(),
-                )).inserted_primary_key[0]
+        model_id = store.model_id_by_fingerprint(conn, key)
+        if model_id is None:
+            model_id = store.insert_model(
+                conn, ref=ref.ref, alias=ref.alias, backend=ref.backend, fingerprint=key,
+                tokenizer_hash=fp.tokenizer_hash, vocab_size=len(vocab),
+                meta={**backend.describe(), "fingerprint": fp.__dict__})
+        cats = store.token_categories(conn, model_id)
+        if len(cats) == len(vocab):
+            store.set_model_alias(conn, model_id, ref.alias)
+            return model_id, np.array(cats, dtype=object), key
+        if cats:
+            store.delete_tokens(conn, model_id)
         with reporter.status(f"analysing {len(vocab)} tokens"):
             cats = analyze(vocab, backend.encode_batch)
-            attrs = vocab.attributes or [None] * len(vocab)
-            rows = list(zip([model_id] * len(vocab), range(len(vocab)), vocab.raw, vocab.text,
-                            cats.tolist(), attrs, strict=True))
-            conn.exec_driver_sql(
-                "INSERT INTO tokens (model_id, token_id, raw, text, category, attr) "
-                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            store.insert_tokens(conn, model_id, vocab.raw, vocab.text, cats.tolist(),
+                                vocab.attributes or [None] * len(vocab))
     return model_id, cats, key
 
 
 def _insert_findings(engine: Engine, run_id: int, batch: list[Finding] | FindingArrays) -> None:
     if isinstance(batch, FindingArrays):
-        rows = batch.rows(run_id)
+        rows = [r[1:] for r in batch.rows(run_id)]
     else:
-        rows = [(run_id, f.token_id, None if f.score is None or not np.isfinite(f.score)
+        rows = [(f.token_id, None if f.score is None or not np.isfinite(f.score)
                  else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
                 for f in batch]
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT OR IGNORE INTO findings (run_id, token_id, score, verdict, evidence_json) "
-            "VALUES (?, ?, ?, ?, ?)", rows)
+        store.insert_findings(conn, run_id, rows)
 
 
 def scope_key(scope: np.ndarray | None) -> str:
@@ -188,45 +167,34 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
                   f"{', '.join(sorted(m.value for m in missing))}")
         opts = dict(detector.options)
         with engine.begin() as conn:
-            run_id = conn.execute(Run.__table__.insert().values(
-                **base, options_json=json.dumps(opts, default=str), options_key=options_key(opts),
-                status="skipped", status_reason=reason, started_utc=now(), finished_utc=now(),
-                wall_s=0.0)).inserted_primary_key[0]
+            run_id = store.insert_run(conn, **base, options=opts, options_key=options_key(opts),
+                                      status="skipped", status_reason=reason, finished=True,
+                                      wall_s=0.0)
         return DetectorOutcome(detector.name, run_id, "skipped", reason)
 
     t0 = time.perf_counter()
     resolved = {**detector.prepare(ctx), "scope": scope_key(ctx.scope)}
     key = options_key(resolved)
-    with engine.begin() as conn:
-        prior = conn.execute(
-            select(Run.id, Run.status).where(
-                Run.model_id == model_id, Run.detector == detector.name,
-                Run.detector_version == detector.version, Run.options_key == key,
-                Run.status.in_(("done", "running"))).order_by(Run.id.desc())).first()
-    errors = 0
-    if prior is not None and not fresh:
-        with engine.connect() as conn:
-            errors = conn.execute(text("SELECT count(*) FROM findings WHERE run_id = :r AND "
-                                       "verdict = 'error'"), {"r": prior.id}).scalar_one()
-    if prior is not None and prior.status == "done" and not fresh and not errors:
-        return DetectorOutcome(detector.name, prior.id, "reused")
+    with engine.connect() as conn:
+        prior = store.latest_matching_run(
+            conn, model_id=model_id, detector=detector.name,
+            detector_version=detector.version, options_key=key, statuses=("done", "running"))
+        errors = 0 if prior is None or fresh else store.count_findings(conn, prior[0], "error")
+    if prior is not None and prior[1] == "done" and not fresh and not errors:
+        return DetectorOutcome(detector.name, prior[0], "reused")
     if prior is not None and not fresh:
         # an interrupted run, or a finished one with failed tokens: redo only those
-        run_id = prior.id
-        status = "resumed" if prior.status == "running" else "retried"
+        run_id = prior[0]
+        status = "resumed" if prior[1] == "running" else "retried"
         with engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM findings WHERE run_id = ? AND verdict = 'error'",
-                                 (run_id,))
-            conn.execute(Run.__table__.update().where(Run.id == run_id).values(
-                status="running", finished_utc=None))
-            done_ids = [t for (t,) in conn.exec_driver_sql(
-                "SELECT token_id FROM findings WHERE run_id = ?", (run_id,)).fetchall()]
-        todo = np.setdiff1d(scope, np.asarray(done_ids, dtype=np.int64))
+            store.delete_findings(conn, run_id, "error")
+            store.reopen_run(conn, run_id)
+            done_ids = store.examined_token_ids(conn, run_id)
+        todo = np.setdiff1d(scope, done_ids)
     else:
         with engine.begin() as conn:
-            run_id = conn.execute(Run.__table__.insert().values(
-                **base, options_json=json.dumps(resolved, default=str), options_key=key,
-                status="running", started_utc=now())).inserted_primary_key[0]
+            run_id = store.insert_run(conn, **base, options=resolved, options_key=key,
+                                      status="running")
         status, todo = "done", np.sort(scope)
 
     advance = reporter.start(detector.name, n)
@@ -256,8 +224,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
         _finish(engine, run_id, "failed", reason, time.perf_counter() - t0)
         return DetectorOutcome(detector.name, run_id, "failed", reason)
     with engine.connect() as conn:
-        stored = conn.execute(text("SELECT count(*) FROM findings WHERE run_id = :r"),
-                              {"r": run_id}).scalar_one()
+        stored = store.count_findings(conn, run_id)
     if stored != n:
         reason = f"detector returned findings for {stored} of {n} tokens in its scope"
         _finish(engine, run_id, "failed", reason, time.perf_counter() - t0)
@@ -269,8 +236,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
 
 def _finish(engine: Engine, run_id: int, status: str, reason: str | None, wall: float) -> None:
     with engine.begin() as conn:
-        conn.execute(Run.__table__.update().where(Run.id == run_id).values(
-            status=status, status_reason=reason, finished_utc=now(), wall_s=wall))
+        store.finish_run(conn, run_id, status, reason, wall)
 
 
 def select_candidates(engine: Engine, run_ids: Sequence[int], n_vocab: int,
@@ -282,26 +248,15 @@ def select_candidates(engine: Engine, run_ids: Sequence[int], n_vocab: int,
     picked: set[int] = set()
     with engine.connect() as conn:
         for run_id in run_ids:
-            low = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
-                               {"r": run_id}).scalar_one() == "low"
-            order = "score ASC" if low else "score DESC"
-            for where in ("score IS NOT NULL", "verdict IN ('glitch', 'suspect')"):
-                picked.update(t for (t,) in conn.exec_driver_sql(
-                    f"SELECT token_id FROM findings WHERE run_id = ? AND {where} "
-                    f"ORDER BY {order} NULLS LAST, token_id LIMIT ?", (run_id, k)))
+            for flagged_only in (False, True):
+                picked.update(store.most_suspicious_token_ids(conn, run_id, k, flagged_only))
     return np.array(sorted(picked), dtype=np.int64)
 
 
 def flagged_tokens(engine: Engine, run_ids: Sequence[int]) -> np.ndarray:
     """The tokens any of ``run_ids`` flagged (``glitch``, ``suspect``) or failed on."""
-    if not run_ids:
-        return np.zeros(0, dtype=np.int64)
-    marks = ", ".join("?" * len(run_ids))
     with engine.connect() as conn:
-        rows = conn.exec_driver_sql(
-            f"SELECT DISTINCT token_id FROM findings WHERE run_id IN ({marks}) "
-            "AND verdict IN ('glitch', 'suspect', 'error')", tuple(run_ids)).fetchall()
-    return np.array(sorted(t for (t,) in rows), dtype=np.int64)
+        return store.token_ids_with_verdict(conn, run_ids, (*FLAGGED, "error"))
 
 
 def latest_findings(conn: Any, run_ids: Sequence[int], size: int
@@ -311,7 +266,7 @@ def latest_findings(conn: Any, run_ids: Sequence[int], size: int
     verdicts = np.full(size, "", dtype=object)
     scores = np.full(size, np.nan)
     for run_id in sorted(run_ids):
-        s, v = run_arrays(conn, run_id, size)
+        s, v = store.run_arrays(conn, run_id, size)
         seen = v != ""
         verdicts[seen], scores[seen] = v[seen], s[seen]
     return verdicts, scores
@@ -332,9 +287,7 @@ def record_verdicts(engine: Engine, model_id: int, n_vocab: int, reg: Registry,
     """
     t0 = time.perf_counter()
     with engine.connect() as conn:
-        done = conn.execute(select(Run.id, Run.detector).where(
-            Run.model_id == model_id, Run.status == "done", Run.detector != VERDICT)
-            .order_by(Run.id)).all()
+        done = store.done_runs(conn, model_id)
     runs: dict[str, list[int]] = {}
     for run_id, name in done:
         runs.setdefault(name, []).append(run_id)
@@ -346,14 +299,11 @@ def record_verdicts(engine: Engine, model_id: int, n_vocab: int, reg: Registry,
     base = {"model_id": model_id, "detector": VERDICT, "detector_version": VERDICT_VERSION,
             "harness_version": __version__, "suspicious_when": "low"}
     with engine.begin() as conn:
-        prior = conn.execute(select(Run.id).where(
-            Run.model_id == model_id, Run.detector == VERDICT, Run.options_key == key,
-            Run.detector_version == VERDICT_VERSION, Run.status == "done")).first()
+        prior = store.finished_verdict_run(conn, model_id, key, VERDICT_VERSION)
         if prior is not None and not fresh:
-            return DetectorOutcome(VERDICT, prior.id, "reused")
-        run_id = conn.execute(Run.__table__.insert().values(
-            **base, options_json=json.dumps(opts), options_key=key, status="running",
-            started_utc=now())).inserted_primary_key[0]
+            return DetectorOutcome(VERDICT, prior, "reused")
+        run_id = store.insert_run(conn, **base, options=opts, options_key=key,
+                                  status="running")
     flagged = np.zeros(n_vocab, dtype=bool)
     behaviour_flag = np.zeros(n_vocab, dtype=bool)
     screen_error = np.zeros(n_vocab, dtype=bool)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
+
+from harness import store
 
 
 @dataclass
@@ -25,20 +25,6 @@ class RankedToken:
 SEVERITY = {"glitch": 3, "suspect": 2, "error": 1}
 
 
-def run_arrays(conn: Any, run_id: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A run's scores (NaN where none) and verdicts ("" where no finding), indexed by token
-    id over ``size`` tokens."""
-    rows = conn.exec_driver_sql("SELECT token_id, score, verdict FROM findings "
-                                "WHERE run_id = ?", (run_id,)).fetchall()
-    scores = np.full(size, np.nan)
-    verdicts = np.full(size, "", dtype=object)
-    if rows:
-        ids, sc, vd = zip(*rows, strict=True)
-        scores[list(ids)] = np.array(sc, dtype=float)  # None becomes nan
-        verdicts[list(ids)] = vd
-    return scores, verdicts
-
-
 def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25,
                final_run: int | None = None) -> list[RankedToken]:
     """Tokens ranked by final verdict (when ``final_run`` is given), then by how many
@@ -46,18 +32,15 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
     if not run_ids:
         return []
     with engine.connect() as conn:
-        tokens = conn.exec_driver_sql("SELECT token_id, text, category FROM tokens "
-                                      "WHERE model_id = ? ORDER BY token_id",
-                                      (model_id,)).fetchall()
+        tokens = store.token_texts(conn, model_id)
         size = len(tokens)
         flagged = np.zeros(size, dtype=np.int64)
         suspicion = np.zeros(size)
         scores: dict[str, np.ndarray] = {}
         verdicts: dict[str, np.ndarray] = {}
         for det, run_id in run_ids.items():
-            when = conn.execute(text("SELECT suspicious_when FROM runs WHERE id = :r"),
-                                {"r": run_id}).scalar_one()
-            s, v = run_arrays(conn, run_id, size)
+            when = store.suspicious_when(conn, run_id)
+            s, v = store.run_arrays(conn, run_id, size)
             key = np.where(np.isnan(s), np.inf, -s if when == "high" else s)
             rank = np.empty(size)
             rank[np.argsort(key, kind="stable")] = np.arange(size)
@@ -66,10 +49,7 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
             scores[det], verdicts[det] = s, v
         final = np.full(size, "", dtype=object)
         if final_run is not None:
-            rows = conn.exec_driver_sql("SELECT token_id, verdict FROM findings "
-                                        "WHERE run_id = ?", (final_run,)).fetchall()
-            for t, v in rows:
-                final[t] = v
+            _, final = store.run_arrays(conn, final_run, size)
     suspicion /= len(run_ids)
     severity = np.array([SEVERITY.get(v, 0) for v in final])
     order = np.lexsort((-suspicion, -flagged, -severity))[:n]
@@ -82,7 +62,6 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
 
 
 def verdict_counts(engine: Engine, run_id: int) -> dict[str, int]:
+    """How many of the run's findings carry each verdict."""
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT verdict, count(*) FROM findings WHERE run_id = :r "
-                                 "GROUP BY verdict"), {"r": run_id}).all()
-    return {v: c for v, c in rows}
+        return store.verdict_counts(conn, run_id)

@@ -85,3 +85,37 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok.save_pretrained(out)
     (out / "fixture.json").write_text(json.dumps({"planted": PLANTED}))
     return out
+
+
+# --- the results database: SQLite, and PostgreSQL on a throwaway server ----------------------
+
+DATABASES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the whole session (skipped where its binaries are missing)."""
+    from tests import pg
+
+    why = pg.missing()
+    if why:
+        pytest.skip(why)
+    server = pg.Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request, harness_home, monkeypatch) -> str:
+    """The URL of an empty results database, once on SQLite and once on PostgreSQL; it is
+    also ``$HARNESS_DB``, so CLI commands without ``--db`` use it."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{harness_home / 'results.db'}"
+        monkeypatch.setenv("HARNESS_DB", url)
+        yield url
+        return
+    server = request.getfixturevalue("pg_server")
+    name, url = server.new_database()
+    monkeypatch.setenv("HARNESS_DB", url)
+    yield url
+    server.drop_database(name)

@@ -4,7 +4,6 @@ generic one, resume, the final verdict and `harness evaluate`."""
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import numpy as np
 import pytest
@@ -15,11 +14,8 @@ from harness.detector import ScanContext
 from harness.probe import ProbeSet, plan_prompt
 from harness.runner import scan
 from tests.conftest import PLANTED, TINY_ROWS
-
-
-def rows(db, sql):
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql).fetchall()
+from tests.dbs import is_postgres
+from tests.dbs import query as rows
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +87,15 @@ def test_repeat_probe_text_mode_normalises_like_seed_000():
     assert not repeats(" davidjl", "I can't hear you.")
 
 
-def test_repeat_probe_text_mode_on_a_white_box_model(cli, tiny_model_dir, harness_home):
+def test_repeat_probe_text_mode_on_a_white_box_model(cli, tiny_model_dir, db_url):
     code, out, err = cli("scan", str(tiny_model_dir), "-d", "repeat-probe", "--tokens",
                          "5,20,290", "-o", "repeat-probe.mode=text", "-o",
                          "repeat-probe.probes=repeat-12")
     assert code == 0, err
-    db = harness_home / "results.db"
+    db = db_url
     found = rows(db, "SELECT token_id, score, verdict, evidence_json FROM findings f "
-                     "JOIN runs r ON r.id = f.run_id WHERE r.detector = 'repeat-probe'")
+                     "JOIN runs r ON r.id = f.run_id WHERE r.detector = 'repeat-probe' "
+                     "ORDER BY token_id")
     assert [t for t, *_ in found] == [5, 20, 290]
     for _, score, verdict, evidence in found:
         ev = json.loads(evidence)
@@ -108,12 +105,12 @@ def test_repeat_probe_text_mode_on_a_white_box_model(cli, tiny_model_dir, harnes
     assert json.loads(opts)["mode"] == "text"
 
 
-def test_full_runs_behavioural_detectors_on_every_token(cli, tiny_model_dir, harness_home):
+def test_full_runs_behavioural_detectors_on_every_token(cli, tiny_model_dir, db_url):
     code, out, err = cli("scan", str(tiny_model_dir), "--full", "-d",
                          "embedding-centroid,repeated-sequence")
     assert code == 0, err
     assert "behavioural detectors ran on every token" in out
-    db = harness_home / "results.db"
+    db = db_url
     assert rows(db, "SELECT detector, count(*) FROM latest_findings GROUP BY 1 ORDER BY 1") == [
         ("embedding-centroid", TINY_ROWS), ("repeated-sequence", TINY_ROWS),
         ("verdict", TINY_ROWS)]
@@ -122,9 +119,9 @@ def test_full_runs_behavioural_detectors_on_every_token(cli, tiny_model_dir, har
     assert json.loads(opts)["threshold"] == pytest.approx(-np.log(TINY_ROWS), abs=1e-3)
 
 
-def test_final_verdict_follows_the_verifier(cli, tiny_model_dir, harness_home):
+def test_final_verdict_follows_the_verifier(cli, tiny_model_dir, db_url):
     assert cli("scan", str(tiny_model_dir))[0] == 0
-    db = harness_home / "results.db"
+    db = db_url
     final = dict(rows(db, "SELECT token_id, verdict FROM final_verdicts"))
     probe = dict(rows(db, "SELECT token_id, verdict FROM latest_findings "
                           "WHERE detector = 'repeat-probe'"))
@@ -150,7 +147,7 @@ def test_final_verdict_follows_the_verifier(cli, tiny_model_dir, harness_home):
     ("repeat-probe", "detectors.repeat_probe"),
     ("repeated-sequence", "detectors.repeated_sequence"),
 ])
-def test_behavioural_run_resumes_without_repeating_batches(tiny_model_dir, harness_home,
+def test_behavioural_run_resumes_without_repeating_batches(tiny_model_dir, db_url,
                                                            monkeypatch, detector, module):
     import importlib
 
@@ -173,11 +170,11 @@ def test_behavioural_run_resumes_without_repeating_batches(tiny_model_dir, harne
 
     dying.kill = True
     monkeypatch.setattr(getattr(mod, cls), "run", dying)
-    engine = open_db(f"sqlite:///{harness_home / 'r.db'}")
+    engine = open_db(db_url)
     tokens = list(range(0, TINY_ROWS, 2))
     with pytest.raises(KeyboardInterrupt):
         scan(str(tiny_model_dir), engine, [detector], tokens=tokens, detector_options=options)
-    db = harness_home / "r.db"
+    db = db_url
     committed = rows(db, f"SELECT count(*) FROM findings f JOIN runs r ON r.id = f.run_id "
                          f"WHERE r.detector = '{detector}'")[0][0]
     assert committed == len(seen[0])  # the first batch was committed, the second was not
@@ -194,16 +191,18 @@ def test_behavioural_run_resumes_without_repeating_batches(tiny_model_dir, harne
     again = [o for o in fresh.outcomes if o.detector == detector][0]
 
     def findings(run_id):
-        return rows(db, f"SELECT token_id, round(score, 5), verdict FROM findings "
+        # PostgreSQL rounds numeric only, not double precision
+        score = "round(CAST(score AS numeric), 5)" if is_postgres(db) else "round(score, 5)"
+        return rows(db, f"SELECT token_id, {score}, verdict FROM findings "
                         f"WHERE run_id = {run_id} ORDER BY token_id")
 
     assert findings(outcome.run_id) == findings(again.run_id)
     assert len(findings(outcome.run_id)) == len(tokens)
 
 
-def test_evaluate_scores_stored_verdicts(cli, tiny_model_dir, harness_home, tmp_path):
+def test_evaluate_scores_stored_verdicts(cli, tiny_model_dir, db_url, tmp_path):
     assert cli("scan", str(tiny_model_dir))[0] == 0
-    db = harness_home / "results.db"
+    db = db_url
     glitch = {t for (t,) in rows(db, "SELECT token_id FROM glitch_tokens")}
     truth = tmp_path / "truth.txt"
     absent = "never-a-token-here"
@@ -259,7 +258,7 @@ def generate_only():
     plugins.unregister_plugin(generate_only)
 
 
-def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, harness_home,
+def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, db_url,
                                               generate_only):
     # no embeddings, so no static detector can pick budget-mode candidates: one clear line
     code, _, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only",
@@ -268,7 +267,7 @@ def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, harness_home,
     # the default still examines every token: the screen compares greedy text too
     code, out, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only")
     assert code == 0, err
-    db = harness_home / "results.db"
+    db = db_url
     runs = dict(rows(db, "SELECT detector, status FROM runs ORDER BY id"))
     assert runs == {"embedding-centroid": "skipped", "unembedding-cosine": "skipped",
                     "repeat-screen": "done", "repeat-probe": "done", "verdict": "done"}
@@ -285,7 +284,7 @@ def test_black_box_backend_gets_text_matching(cli, tiny_model_dir, harness_home,
     (opts,) = rows(db, "SELECT options_json FROM runs WHERE detector = 'repeat-probe'")[0]
     assert json.loads(opts)["mode"] == "text"
     found = rows(db, "SELECT token_id, verdict, evidence_json FROM latest_findings "
-                     "WHERE detector = 'repeat-probe'")
+                     "WHERE detector = 'repeat-probe' ORDER BY token_id")
     assert [t for t, *_ in found] == [5, 20, 290]
     assert rows(db, "SELECT count(*) FROM final_verdicts") == [(TINY_ROWS,)]
     assert all(json.loads(e)["completion"] for *_, e in found)
@@ -303,12 +302,12 @@ def flaky():
     plugins.unregister_plugin(flaky)
 
 
-def test_failed_tokens_are_stored_as_errors_and_retried_alone(tiny_model_dir, harness_home,
+def test_failed_tokens_are_stored_as_errors_and_retried_alone(tiny_model_dir, db_url,
                                                               flaky):
     """A token whose requests fail gets an `error` finding with the reason, never a gap; the
     next scan asks again for exactly those tokens and the verdict follows."""
-    db = harness_home / "flaky.db"
-    engine = open_db(f"sqlite:///{db}")
+    db = db_url
+    engine = open_db(db)
     tokens = list(range(20, 60))
     flaky.FAIL.update({25, 33, 47})
     first = scan(f"flaky:{tiny_model_dir}", engine, ["repeat-probe"], tokens=tokens)

@@ -7,13 +7,13 @@ import csv
 import io
 import json
 import shutil
-import sqlite3
 
 import numpy as np
 import pytest
 
 from harness.compare import _ranks, rank_correlation
 from tests.conftest import PLANTED, TINY_ROWS
+from tests.dbs import query as rows
 
 MOVED = (120, 121, 122)  # rows collapsed in the second model only
 
@@ -37,16 +37,11 @@ def sibling_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def rows(db, sql):
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql).fetchall()
-
-
 STATIC = "embedding-centroid,unembedding-cosine"
 
 
-def test_shared_tokenizer_aligns_by_id(cli, tiny_model_dir, sibling_dir, harness_home):
-    db = str(harness_home / "cmp.db")
+def test_shared_tokenizer_aligns_by_id(cli, tiny_model_dir, sibling_dir, db_url):
+    db = db_url
     code, out, err = cli("compare", str(tiny_model_dir), str(sibling_dir), "-d", STATIC,
                          "--db", db, "--format", "json")
     assert code == 0, err
@@ -76,13 +71,14 @@ def test_shared_tokenizer_aligns_by_id(cli, tiny_model_dir, sibling_dir, harness
 
 
 def test_compare_reuses_stored_runs_and_scans_what_is_missing(cli, tiny_model_dir,
-                                                              sibling_dir, harness_home):
-    db = str(harness_home / "cmp2.db")
+                                                              sibling_dir, db_url):
+    db = db_url
     assert cli("scan", str(tiny_model_dir), "-d", STATIC, "--db", db)[0] == 0
     code, _, err = cli("compare", str(tiny_model_dir), str(sibling_dir), "-d", STATIC,
                        "--db", db, "--format", "csv")
     assert code == 0, err
-    runs = rows(db, "SELECT model_id, detector, count(*) FROM runs GROUP BY model_id, detector")
+    runs = rows(db, "SELECT model_id, detector, count(*) FROM runs GROUP BY model_id, detector "
+                    "ORDER BY model_id, detector")
     assert runs == [(1, "embedding-centroid", 1), (1, "unembedding-cosine", 1),
                     (2, "embedding-centroid", 1), (2, "unembedding-cosine", 1)]
     # --stored compares without loading anything; both now have their runs
@@ -96,8 +92,8 @@ def test_compare_reuses_stored_runs_and_scans_what_is_missing(cli, tiny_model_di
 
 
 def test_final_verdicts_compare_and_verdict_pairs_view(cli, tiny_model_dir, sibling_dir,
-                                                       harness_home):
-    db = str(harness_home / "cmp3.db")
+                                                       db_url):
+    db = db_url
     code, out, err = cli("compare", str(tiny_model_dir), str(sibling_dir), "--db", db,
                          "--format", "markdown", "--candidates", "12")
     assert code == 0, err
@@ -111,8 +107,8 @@ def test_final_verdicts_compare_and_verdict_pairs_view(cli, tiny_model_dir, sibl
     assert line.split("|")[7].strip() == str(both)
 
 
-def test_other_tokenizer_aligns_by_raw_bytes(cli, tiny_model_dir, fake_plugin, harness_home):
-    db = str(harness_home / "cmp4.db")
+def test_other_tokenizer_aligns_by_raw_bytes(cli, tiny_model_dir, fake_plugin, db_url):
+    db = db_url
     code, out, err = cli("compare", str(tiny_model_dir), "fake:seed", "-d", STATIC,
                          "--db", db, "--format", "json")
     assert code == 0, err

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import exc as sa_exc
+
+from tests import dbs
 
 HARNESS = [sys.executable, "-c", "from harness.cli import main; main()"]
 
@@ -22,9 +24,8 @@ def harness(*args: str, home: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def query(db: Path, sql: str, *params) -> list[tuple]:
-    with sqlite3.connect(db, timeout=30) as conn:
-        return conn.execute(sql, params).fetchall()
+def query(db: Path | str, sql: str, *params) -> list[tuple]:
+    return dbs.query(db, sql, *params)
 
 
 def findings(db: Path) -> dict[str, list[tuple]]:
@@ -57,7 +58,7 @@ def test_sigkill_mid_detector_resumes_to_the_same_findings(tmp_path):
                 committed = query(killed, "SELECT count(*) FROM findings f JOIN runs r ON "
                                           "r.id = f.run_id WHERE r.detector = 'repeat-probe'"
                                   )[0][0]
-            except sqlite3.OperationalError:  # tables not created yet
+            except sa_exc.OperationalError:  # tables not created yet
                 committed = 0
         if committed >= 16:
             os.kill(proc.pid, signal.SIGKILL)
@@ -85,10 +86,10 @@ def test_sigkill_mid_detector_resumes_to_the_same_findings(tmp_path):
     assert query(killed, "SELECT count(*) FROM runs WHERE detector = 'repeat-probe'") == [(1,)]
 
 
-def test_two_scans_write_one_database_at_once(tiny_model_dir, tmp_path):
+def test_two_scans_write_one_database_at_once(tiny_model_dir, tmp_path, db_url):
     """Same model and detectors in two processes started together: both finish, the model is
     stored once, every run is complete."""
-    db = tmp_path / "shared.db"
+    db = db_url
     args = ["scan", str(tiny_model_dir), "--db", str(db), "--candidates", "10"]
     procs = [harness(*args, home=tmp_path / f"h{i}") for i in range(2)]
     results = [p.communicate(timeout=600) for p in procs]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import numpy as np
 import pytest
@@ -11,17 +10,13 @@ import pytest
 from harness.db import open_db
 from harness.runner import scan
 from tests.conftest import PLANTED, TINY_ROWS
+from tests.dbs import query as rows
 
 
-def rows(db, sql):
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql).fetchall()
-
-
-def test_scan_stores_model_tokens_runs_findings(cli, tiny_model_dir, harness_home):
+def test_scan_stores_model_tokens_runs_findings(cli, tiny_model_dir, db_url):
     code, out, err = cli("scan", str(tiny_model_dir), "--top", "8")
     assert code == 0, err
-    db = harness_home / "results.db"
+    db = db_url
     assert rows(db, "SELECT count(*) FROM tokens") == [(TINY_ROWS,)]
     assert rows(db, "SELECT detector, status FROM runs ORDER BY id") == [
         ("embedding-centroid", "done"), ("unembedding-cosine", "done"),
@@ -46,10 +41,10 @@ def test_scan_stores_model_tokens_runs_findings(cli, tiny_model_dir, harness_hom
     assert rows(db, "SELECT count(*) FROM latest_verdicts") == [(TINY_ROWS,)]
 
 
-def test_budget_mode_verifies_the_static_candidates_only(cli, tiny_model_dir, harness_home):
+def test_budget_mode_verifies_the_static_candidates_only(cli, tiny_model_dir, db_url):
     code, out, err = cli("scan", str(tiny_model_dir), "--candidates", "0.02")
     assert code == 0, err
-    db = harness_home / "results.db"
+    db = db_url
     assert rows(db, "SELECT detector FROM runs ORDER BY id") == [
         ("embedding-centroid",), ("unembedding-cosine",), ("repeat-screen",),
         ("repeat-probe",), ("verdict",)]
@@ -63,10 +58,10 @@ def test_budget_mode_verifies_the_static_candidates_only(cli, tiny_model_dir, ha
 
 
 def test_an_extra_detector_run_keeps_the_verified_glitch_tokens(cli, tiny_model_dir,
-                                                                harness_home):
+                                                                db_url):
     code, _, err = cli("scan", str(tiny_model_dir))
     assert code == 0, err
-    db = harness_home / "results.db"
+    db = db_url
     glitch = rows(db, "SELECT token_id FROM glitch_tokens ORDER BY token_id")
     assert glitch
     for extra in (["-d", "repeated-sequence", "--full"], ["-d", "embedding-centroid"],
@@ -83,23 +78,23 @@ def test_an_extra_detector_run_keeps_the_verified_glitch_tokens(cli, tiny_model_
 
 
 def test_unembedding_cosine_with_given_reference_finds_the_rest(cli, tiny_model_dir,
-                                                              harness_home):
+                                                              db_url):
     ref = ",".join(map(str, PLANTED[:2]))
     code, _, err = cli("scan", str(tiny_model_dir), "-d", "unembedding-cosine",
                        "-o", f"unembedding-cosine.reference={ref}")
     assert code == 0, err
-    db = harness_home / "results.db"
+    db = db_url
     got = rows(db, "SELECT token_id FROM findings WHERE verdict = 'suspect'")
     assert {t for (t,) in got} >= set(PLANTED[2:])
     (opts,) = rows(db, "SELECT options_json FROM runs")[0]
     assert json.loads(opts)["reference_source"] == ["given"]
 
 
-def test_second_scan_reuses_runs_and_fresh_reruns(cli, tiny_model_dir, harness_home):
+def test_second_scan_reuses_runs_and_fresh_reruns(cli, tiny_model_dir, db_url):
     assert cli("scan", str(tiny_model_dir))[0] == 0
     code, out, _ = cli("scan", str(tiny_model_dir))
     assert out.count("stored run reused") == 5
-    db = harness_home / "results.db"
+    db = db_url
     assert rows(db, "SELECT count(*) FROM runs") == [(5,)]
     assert rows(db, "SELECT count(*) FROM models") == [(1,)]
     cli("scan", str(tiny_model_dir), "--fresh")
@@ -113,13 +108,13 @@ def test_second_scan_reuses_runs_and_fresh_reruns(cli, tiny_model_dir, harness_h
     assert rows(db, "SELECT count(*) FROM runs") == [(12,)]
 
 
-def test_interrupted_run_resumes_without_repeating_batches(tiny_model_dir, harness_home,
+def test_interrupted_run_resumes_without_repeating_batches(tiny_model_dir, db_url,
                                                            monkeypatch):
     """Kill a detector after its first committed batch; the next scan does only the rest."""
     import detectors.static as static
 
     monkeypatch.setattr(static, "CHUNK", 100)
-    engine = open_db(f"sqlite:///{harness_home / 'r.db'}")
+    engine = open_db(db_url)
     calls = []
     real = static.findings_in_chunks
 
@@ -133,7 +128,7 @@ def test_interrupted_run_resumes_without_repeating_batches(tiny_model_dir, harne
     monkeypatch.setattr("detectors.embedding_centroid.findings_in_chunks", dying)
     with pytest.raises(KeyboardInterrupt):
         scan(str(tiny_model_dir), engine, ["embedding-centroid"])
-    db = harness_home / "r.db"
+    db = db_url
     assert rows(db, "SELECT status FROM runs") == [("running",)]
     assert rows(db, "SELECT count(*) FROM findings") == [(100,)]
     result = scan(str(tiny_model_dir), engine, ["embedding-centroid"])

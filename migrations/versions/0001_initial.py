@@ -49,6 +49,23 @@ VIEWS = {
     """,
 }
 
+# PostgreSQL has no sum() of booleans and no group_concat, and groups only by what the
+# query names: its own text of the view that needs them (the same rows as SQLite's).
+POSTGRESQL_VIEWS = {
+    "latest_verdicts": """
+        SELECT model_id, model_ref, model_alias, token_id, text, raw, category,
+               CASE max(CASE verdict WHEN 'glitch' THEN 4 WHEN 'suspect' THEN 3
+                                     WHEN 'error' THEN 2 WHEN 'ok' THEN 1 ELSE 0 END)
+                    WHEN 4 THEN 'glitch' WHEN 3 THEN 'suspect' WHEN 2 THEN 'error'
+                    WHEN 1 THEN 'ok' ELSE 'skipped' END AS verdict,
+               sum(CASE WHEN verdict IN ('glitch', 'suspect') THEN 1 ELSE 0 END) AS n_flagged,
+               string_agg(CASE WHEN verdict IN ('glitch', 'suspect') THEN detector END, ','
+                          ORDER BY detector) AS flagged_by
+        FROM latest_findings
+        GROUP BY model_id, model_ref, model_alias, token_id, text, raw, category
+    """,
+}
+
 
 def upgrade() -> None:
     op.create_table(
@@ -102,7 +119,9 @@ def upgrade() -> None:
         sa.Column("evidence_json", sa.Text(), nullable=False),
     )
     op.create_index("ix_findings_run_verdict", "findings", ["run_id", "verdict"])
-    for name, body in VIEWS.items():
+    views = {**VIEWS, **POSTGRESQL_VIEWS} if op.get_bind().dialect.name == "postgresql" \
+        else VIEWS
+    for name, body in views.items():
         op.execute(f"CREATE VIEW {name} AS {body}")
 
 

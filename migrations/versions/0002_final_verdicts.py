@@ -25,9 +25,21 @@ VIEWS = {
     """,
 }
 
+# PostgreSQL has no json_extract: its own text (the same JSON text of the list).
+POSTGRESQL_VIEWS = {
+    "final_verdicts": """
+        SELECT model_id, model_ref, model_alias, run_id, token_id, text, raw, category,
+               verdict, score AS repeat_prob, CAST(evidence_json AS json) ->> 'flagged_by'
+                   AS flagged_by
+        FROM latest_findings WHERE detector = 'verdict'
+    """,
+}
+
 
 def upgrade() -> None:
-    for name, body in VIEWS.items():
+    views = {**VIEWS, **POSTGRESQL_VIEWS} if op.get_bind().dialect.name == "postgresql" \
+        else VIEWS
+    for name, body in views.items():
         op.execute(f"CREATE VIEW {name} AS {body}")
 
 

@@ -1,0 +1,481 @@
+"""Every read and write of the results: named functions over SQLAlchemy Core, one text for
+SQLite and PostgreSQL.
+
+The rest of the code calls these functions and never writes SQL. Each function takes an open
+``Connection``; the caller decides the transaction (``engine.begin()`` to write,
+``engine.connect()`` to read). Where the two databases differ (``ON CONFLICT DO NOTHING``,
+the text PostgreSQL cannot hold) the switch is here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from harness.schema import FindingRow, Model, Run, Token
+
+MODELS = Model.__table__
+TOKENS = Token.__table__
+RUNS = Run.__table__
+FINDINGS = FindingRow.__table__
+
+VERDICT = "verdict"  # the pseudo-detector whose runs hold the final verdicts
+FLAGGED = ("glitch", "suspect")
+INSERT_BATCH = 20_000  # rows per executemany: bounds the memory of one call
+NUL_STANDIN = "\u2400"  # ␀: PostgreSQL text cannot hold U+0000 (raw bytes keep the truth)
+
+
+def now() -> datetime:
+    """The current UTC time, naive (both databases store it without a zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _is_postgres(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _insert_ignoring_duplicates(conn: Connection, table: Any) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` in the connection's dialect."""
+    dialect = postgresql if _is_postgres(conn) else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+def _text_for(conn: Connection, value: str) -> str:
+    return value.replace("\x00", NUL_STANDIN) if _is_postgres(conn) and "\x00" in value \
+        else value
+
+
+def _executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None:
+    for i in range(0, len(rows), INSERT_BATCH):
+        conn.execute(stmt, rows[i:i + INSERT_BATCH])
+
+
+def _bulk_insert(conn: Connection, table: Any, rows: list[tuple],
+                 ignore_duplicates: bool) -> None:
+    """Insert ``rows`` (tuples in the table's column order): ``COPY`` on PostgreSQL, where
+    one ``INSERT`` per row costs a round trip each (several times slower even pipelined);
+    an ``executemany`` elsewhere. With ``ignore_duplicates`` a row whose key is stored
+    already is dropped (PostgreSQL: copied to a scratch table first, then inserted from it
+    with ``ON CONFLICT DO NOTHING``)."""
+    if not rows:
+        return
+    if not _is_postgres(conn):
+        names = [c.name for c in table.columns]
+        stmt = _insert_ignoring_duplicates(conn, table) if ignore_duplicates else insert(table)
+        _executemany(conn, stmt, [dict(zip(names, r, strict=True)) for r in rows])
+        return
+    import psycopg
+
+    if ignore_duplicates:
+        try:  # duplicates are rare (a resumed batch): straight in, unless one is there
+            with conn.begin_nested():
+                _copy(conn, table.name, table, rows)
+            return
+        except psycopg.errors.UniqueViolation:
+            pass
+    else:
+        _copy(conn, table.name, table, rows)
+        return
+    cols = ", ".join(c.name for c in table.columns)
+    scratch = f"{table.name}_incoming"
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute(f"CREATE TEMP TABLE {scratch} (LIKE {table.name}) ON COMMIT DROP")
+    _copy(conn, scratch, table, rows)
+    with conn.connection.driver_connection.cursor() as cur:
+        cur.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {scratch} "
+                    "ON CONFLICT DO NOTHING")
+        cur.execute(f"DROP TABLE {scratch}")
+
+
+def _copy(conn: Connection, target: str, table: Any, rows: list[tuple]) -> None:
+    """``COPY`` ``rows`` into the table ``target`` (``table``'s columns) on PostgreSQL."""
+    cols = ", ".join(c.name for c in table.columns)
+    with conn.connection.driver_connection.cursor() as cur, \
+            cur.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+# --- models and tokens ----------------------------------------------------------------------
+
+
+@dataclass
+class StoredModel:
+    """One row of ``models``."""
+
+    id: int
+    ref: str
+    alias: str | None
+    backend: str
+    fingerprint: str
+    tokenizer_hash: str
+    vocab_size: int
+    created_utc: datetime | None
+
+    @property
+    def label(self) -> str:
+        """The name shown for the model: its alias, else its reference."""
+        return self.alias or self.ref
+
+
+def model_id_by_fingerprint(conn: Connection, fingerprint: str) -> int | None:
+    """The id of the model stored with ``fingerprint``, or None."""
+    return conn.execute(select(MODELS.c.id).where(MODELS.c.fingerprint == fingerprint)
+                        ).scalar()
+
+
+def insert_model(conn: Connection, *, ref: str, alias: str | None, backend: str,
+                 fingerprint: str, tokenizer_hash: str, vocab_size: int,
+                 meta: dict[str, Any]) -> int:
+    """Store a model and return its id; a model with the same fingerprint that another
+    process stored first is kept, and its id returned."""
+    conn.execute(_insert_ignoring_duplicates(conn, MODELS).values(
+        ref=ref, alias=alias, backend=backend, fingerprint=fingerprint,
+        tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
+        meta_json=json.dumps(meta, default=str), created_utc=now()))
+    model_id = model_id_by_fingerprint(conn, fingerprint)
+    assert model_id is not None
+    return model_id
+
+
+def set_model_alias(conn: Connection, model_id: int, alias: str | None) -> None:
+    """Give the model ``alias`` (None keeps the alias it has)."""
+    if alias is not None:
+        conn.execute(update(MODELS).where(MODELS.c.id == model_id).values(alias=alias))
+
+
+def model_by_id(conn: Connection, model_id: int) -> StoredModel:
+    """The stored model ``model_id``."""
+    row = conn.execute(select(MODELS.c.id, MODELS.c.ref, MODELS.c.alias, MODELS.c.backend,
+                              MODELS.c.fingerprint, MODELS.c.tokenizer_hash,
+                              MODELS.c.vocab_size, MODELS.c.created_utc)
+                       .where(MODELS.c.id == model_id)).one()
+    return StoredModel(*row)
+
+
+def find_model(conn: Connection, name: str) -> tuple[int, str] | None:
+    """(id, label) of the stored model whose alias, reference or fingerprint is ``name``;
+    of several, the one scanned last (None when there is none)."""
+    last_run = func.max(RUNS.c.id)
+    row = conn.execute(
+        select(MODELS.c.id, MODELS.c.alias, MODELS.c.ref)
+        .select_from(MODELS.outerjoin(RUNS, RUNS.c.model_id == MODELS.c.id))
+        .where((MODELS.c.alias == name) | (MODELS.c.ref == name)
+               | (MODELS.c.fingerprint == name))
+        .group_by(MODELS.c.id, MODELS.c.alias, MODELS.c.ref)
+        # PostgreSQL sorts NULL first in a descending order, SQLite last: say it
+        .order_by(last_run.desc().nulls_last(), MODELS.c.id.desc()).limit(1)).first()
+    return None if row is None else (int(row.id), row.alias or row.ref)
+
+
+def model_labels(conn: Connection) -> dict[int, str]:
+    """Every stored model's label (alias, else reference), by id."""
+    return {int(i): a or r for i, a, r in conn.execute(
+        select(MODELS.c.id, MODELS.c.alias, MODELS.c.ref))}
+
+
+def token_categories(conn: Connection, model_id: int) -> list[str]:
+    """The tokenizer-analysis category of each stored token of the model, by token id."""
+    return list(conn.execute(select(TOKENS.c.category).where(TOKENS.c.model_id == model_id)
+                             .order_by(TOKENS.c.token_id)).scalars())
+
+
+def delete_tokens(conn: Connection, model_id: int) -> None:
+    """Remove the model's stored tokens (an incomplete vocabulary, about to be stored again)."""
+    conn.execute(delete(TOKENS).where(TOKENS.c.model_id == model_id))
+
+
+def insert_tokens(conn: Connection, model_id: int, raw: Sequence[bytes], text: Sequence[str],
+                  categories: Sequence[str], attrs: Sequence[str | None]) -> None:
+    """Store the model's vocabulary, token ids ``0..len(raw)-1``. On PostgreSQL a NUL
+    character in a token's text is stored as ␀ (``raw`` keeps the exact bytes)."""
+    rows = [(model_id, i, bytes(r), _text_for(conn, t), c, a)
+            for i, (r, t, c, a) in enumerate(zip(raw, text, categories, attrs, strict=True))]
+    _bulk_insert(conn, TOKENS, rows, ignore_duplicates=False)
+
+
+def token_texts(conn: Connection, model_id: int) -> list[tuple[int, str, str]]:
+    """(token id, text, category) of every stored token of the model, by id."""
+    return [tuple(r) for r in conn.execute(
+        select(TOKENS.c.token_id, TOKENS.c.text, TOKENS.c.category)
+        .where(TOKENS.c.model_id == model_id).order_by(TOKENS.c.token_id))]
+
+
+def token_bytes(conn: Connection, model_id: int) -> list[tuple[bytes, str]]:
+    """(raw bytes, text) of every stored token of the model, by id."""
+    return [(bytes(r), t) for r, t in conn.execute(
+        select(TOKENS.c.raw, TOKENS.c.text).where(TOKENS.c.model_id == model_id)
+        .order_by(TOKENS.c.token_id))]
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StoredRun:
+    """The parts of a ``runs`` row that readers of results use."""
+
+    id: int
+    detector: str
+    suspicious_when: str
+    options_json: str
+    finished_utc: datetime | None
+    wall_s: float | None
+
+
+def insert_run(conn: Connection, *, model_id: int, detector: str, detector_version: str,
+               harness_version: str, suspicious_when: str, options: dict[str, Any],
+               options_key: str, status: str, status_reason: str | None = None,
+               finished: bool = False, wall_s: float | None = None) -> int:
+    """Start (or, with ``finished``, record a finished) run; return its id."""
+    started = now()
+    return int(conn.execute(insert(RUNS).values(
+        model_id=model_id, detector=detector, detector_version=detector_version,
+        harness_version=harness_version, suspicious_when=suspicious_when,
+        options_json=json.dumps(options, default=str), options_key=options_key,
+        status=status, status_reason=status_reason, started_utc=started,
+        finished_utc=started if finished else None, wall_s=wall_s)).inserted_primary_key[0])
+
+
+def finish_run(conn: Connection, run_id: int, status: str, reason: str | None,
+               wall_s: float) -> None:
+    """Close a run as ``done`` or ``failed``."""
+    conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(
+        status=status, status_reason=reason, finished_utc=now(), wall_s=wall_s))
+
+
+def reopen_run(conn: Connection, run_id: int) -> None:
+    """Mark a run ``running`` again (it is being resumed or retried)."""
+    conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(status="running",
+                                                                 finished_utc=None))
+
+
+def latest_matching_run(conn: Connection, *, model_id: int, detector: str,
+                        detector_version: str, options_key: str,
+                        statuses: Sequence[str]) -> tuple[int, str] | None:
+    """(id, status) of the newest run of the detector with these options and a status in
+    ``statuses``, or None."""
+    row = conn.execute(select(RUNS.c.id, RUNS.c.status).where(
+        RUNS.c.model_id == model_id, RUNS.c.detector == detector,
+        RUNS.c.detector_version == detector_version, RUNS.c.options_key == options_key,
+        RUNS.c.status.in_(list(statuses))).order_by(RUNS.c.id.desc()).limit(1)).first()
+    return None if row is None else (int(row.id), row.status)
+
+
+def done_runs(conn: Connection, model_id: int) -> list[tuple[int, str]]:
+    """(id, detector) of every finished detector run on the model, oldest first (the final
+    verdict's own runs excluded)."""
+    return [(int(i), d) for i, d in conn.execute(
+        select(RUNS.c.id, RUNS.c.detector).where(
+            RUNS.c.model_id == model_id, RUNS.c.status == "done", RUNS.c.detector != VERDICT)
+        .order_by(RUNS.c.id))]
+
+
+def latest_done_runs(conn: Connection, model_id: int) -> list[StoredRun]:
+    """The latest finished run of each detector on the model (the ``latest_runs`` view),
+    the final verdict's included, oldest first."""
+    newest = (select(func.max(RUNS.c.id)).where(RUNS.c.status == "done",
+                                                RUNS.c.model_id == model_id)
+              .group_by(RUNS.c.detector))
+    rows = conn.execute(select(RUNS.c.id, RUNS.c.detector, RUNS.c.suspicious_when,
+                               RUNS.c.options_json, RUNS.c.finished_utc, RUNS.c.wall_s)
+                        .where(RUNS.c.id.in_(newest)).order_by(RUNS.c.id))
+    return [StoredRun(int(r.id), r.detector, r.suspicious_when or "low", r.options_json,
+                      r.finished_utc, r.wall_s) for r in rows]
+
+
+def latest_verdict_run(conn: Connection, model_id: int) -> int | None:
+    """The id of the model's latest finished final-verdict run, or None."""
+    run_id = conn.execute(select(func.max(RUNS.c.id)).where(
+        RUNS.c.model_id == model_id, RUNS.c.detector == VERDICT, RUNS.c.status == "done")
+    ).scalar()
+    return None if run_id is None else int(run_id)
+
+
+def finished_verdict_run(conn: Connection, model_id: int, options_key: str,
+                         version: str) -> int | None:
+    """A finished final-verdict run of the model drawn from the same runs (``options_key``)
+    by the same rule (``version``), or None."""
+    run_id = conn.execute(select(RUNS.c.id).where(
+        RUNS.c.model_id == model_id, RUNS.c.detector == VERDICT,
+        RUNS.c.options_key == options_key, RUNS.c.detector_version == version,
+        RUNS.c.status == "done").order_by(RUNS.c.id.desc()).limit(1)).scalar()
+    return None if run_id is None else int(run_id)
+
+
+def suspicious_when(conn: Connection, run_id: int) -> str:
+    """Which end of the run's scores is glitchy: ``low`` or ``high``."""
+    return conn.execute(select(RUNS.c.suspicious_when).where(RUNS.c.id == run_id)
+                        ).scalar_one() or "low"
+
+
+# --- findings -------------------------------------------------------------------------------
+
+
+def insert_findings(conn: Connection, run_id: int,
+                    rows: Iterable[tuple[int, float | None, str, str]]) -> None:
+    """Store findings ``(token_id, score, verdict, evidence_json)`` of a run; a token that
+    already has a finding in the run keeps it (a resumed batch is not stored twice)."""
+    values = [(run_id, int(t), s, v, e) for t, s, v, e in rows]
+    _bulk_insert(conn, FINDINGS, values, ignore_duplicates=True)
+
+
+def delete_findings(conn: Connection, run_id: int, verdict: str) -> None:
+    """Remove the run's findings with ``verdict`` (failed tokens, about to be retried)."""
+    conn.execute(delete(FINDINGS).where(FINDINGS.c.run_id == run_id,
+                                        FINDINGS.c.verdict == verdict))
+
+
+def count_findings(conn: Connection, run_id: int, verdict: str | None = None) -> int:
+    """How many findings the run has (with ``verdict``, only those)."""
+    q = select(func.count()).select_from(FINDINGS).where(FINDINGS.c.run_id == run_id)
+    if verdict is not None:
+        q = q.where(FINDINGS.c.verdict == verdict)
+    return int(conn.execute(q).scalar_one())
+
+
+def verdict_counts(conn: Connection, run_id: int) -> dict[str, int]:
+    """How many of the run's findings carry each verdict."""
+    return {v: int(n) for v, n in conn.execute(
+        select(FINDINGS.c.verdict, func.count()).where(FINDINGS.c.run_id == run_id)
+        .group_by(FINDINGS.c.verdict))}
+
+
+def examined_token_ids(conn: Connection, run_id: int) -> np.ndarray:
+    """The ids of the tokens the run has a finding for, sorted."""
+    ids = conn.execute(select(FINDINGS.c.token_id).where(FINDINGS.c.run_id == run_id)
+                       .order_by(FINDINGS.c.token_id)).scalars().all()
+    return np.asarray(ids, dtype=np.int64)
+
+
+def token_ids_with_verdict(conn: Connection, run_ids: Sequence[int],
+                           verdicts: Sequence[str]) -> np.ndarray:
+    """The ids of the tokens any of ``run_ids`` gave one of ``verdicts``, sorted."""
+    if not run_ids:
+        return np.zeros(0, dtype=np.int64)
+    ids = conn.execute(select(FINDINGS.c.token_id).distinct().where(
+        FINDINGS.c.run_id.in_([int(r) for r in run_ids]),
+        FINDINGS.c.verdict.in_(list(verdicts)))).scalars().all()
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def most_suspicious_token_ids(conn: Connection, run_id: int, k: int,
+                              flagged_only: bool = False) -> list[int]:
+    """The run's ``k`` most suspicious tokens by score (the glitchy end first, ties by id);
+    with ``flagged_only`` among its flagged tokens, unscored ones last."""
+    low = suspicious_when(conn, run_id) == "low"
+    order = FINDINGS.c.score.asc() if low else FINDINGS.c.score.desc()
+    q = select(FINDINGS.c.token_id).where(FINDINGS.c.run_id == run_id)
+    q = q.where(FINDINGS.c.verdict.in_(FLAGGED)) if flagged_only else \
+        q.where(FINDINGS.c.score.is_not(None))
+    return [int(t) for t in conn.execute(
+        q.order_by(order.nulls_last(), FINDINGS.c.token_id).limit(k)).scalars()]
+
+
+def run_findings(conn: Connection, run_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run's findings as arrays ordered by token id: ids, scores (NaN where none) and
+    verdicts."""
+    rows = conn.execute(select(FINDINGS.c.token_id, FINDINGS.c.score, FINDINGS.c.verdict)
+                        .where(FINDINGS.c.run_id == run_id)
+                        .order_by(FINDINGS.c.token_id)).all()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    scores = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=float)
+    verdicts = np.array([r[2] for r in rows], dtype=object)
+    return ids, scores, verdicts
+
+
+def run_arrays(conn: Connection, run_id: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run's scores (NaN where none) and verdicts ("" where no finding), indexed by token
+    id over ``size`` tokens."""
+    ids, sc, vd = run_findings(conn, run_id)
+    scores = np.full(size, np.nan)
+    verdicts = np.full(size, "", dtype=object)
+    scores[ids], verdicts[ids] = sc, vd
+    return scores, verdicts
+
+
+def glitch_tokens(conn: Connection, model_id: int, run_id: int) -> list[tuple[int, bytes, str]]:
+    """(token id, raw bytes, text) of the tokens a final-verdict run calls ``glitch``."""
+    rows = conn.execute(
+        select(FINDINGS.c.token_id, TOKENS.c.raw, TOKENS.c.text)
+        .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                           TOKENS.c.token_id == FINDINGS.c.token_id))
+        .where(FINDINGS.c.run_id == run_id, FINDINGS.c.verdict == "glitch")
+        .order_by(FINDINGS.c.token_id))
+    return [(int(t), bytes(r), x) for t, r, x in rows]
+
+
+@dataclass
+class TokenFindings:
+    """One token's findings in a set of runs, gathered: the rows of the report's tables."""
+
+    token_id: int
+    text: str
+    raw: bytes
+    category: str
+    min_score: float | None
+    verdicts: list[str]  # distinct, sorted
+    n_findings: int
+    evidence_json: str  # the greatest of the findings' evidence texts
+
+
+def findings_by_token(conn: Connection, model_id: int, run_ids: Sequence[int],
+                      verdicts: Sequence[str]) -> list[TokenFindings]:
+    """Per token, the findings of ``run_ids`` whose verdict is in ``verdicts``, with the
+    token spelled out, by token id."""
+    rows = conn.execute(
+        select(FINDINGS.c.token_id, TOKENS.c.text, TOKENS.c.raw, TOKENS.c.category,
+               FINDINGS.c.score, FINDINGS.c.verdict, FINDINGS.c.evidence_json)
+        .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                           TOKENS.c.token_id == FINDINGS.c.token_id))
+        .where(FINDINGS.c.run_id.in_([int(r) for r in run_ids]),
+               FINDINGS.c.verdict.in_(list(verdicts)))
+        .order_by(FINDINGS.c.token_id))
+    out: dict[int, TokenFindings] = {}
+    for t, text, raw, category, score, verdict, evidence in rows:
+        got = out.get(t)
+        if got is None:
+            out[t] = TokenFindings(int(t), text, bytes(raw), category, score, [verdict], 1,
+                                   evidence)
+            continue
+        got.n_findings += 1
+        if score is not None and (got.min_score is None or score < got.min_score):
+            got.min_score = score
+        if verdict not in got.verdicts:
+            got.verdicts = sorted([*got.verdicts, verdict])
+        got.evidence_json = max(got.evidence_json, evidence)
+    return list(out.values())
+
+
+def latest_evidence(conn: Connection, run_ids: Sequence[int], token_ids: Sequence[int]
+                    ) -> dict[int, str]:
+    """Per token, the evidence text of its finding in the latest of ``run_ids`` that has
+    one."""
+    found: dict[int, str] = {}
+    runs = [int(r) for r in run_ids]
+    ids = [int(t) for t in token_ids]
+    for i in range(0, len(ids), 500):
+        for t, evidence in conn.execute(
+                select(FINDINGS.c.token_id, FINDINGS.c.evidence_json)
+                .where(FINDINGS.c.run_id.in_(runs), FINDINGS.c.token_id.in_(ids[i:i + 500]))
+                .order_by(FINDINGS.c.run_id)):
+            found[int(t)] = evidence
+    return found
+
+
+def final_verdict_rows(conn: Connection, model_id: int, run_id: int
+                       ) -> list[tuple[int, str, str, float | None]]:
+    """(token id, text, verdict, score) of every finding of a final-verdict run."""
+    return [(int(t), x, v, s) for t, x, v, s in conn.execute(
+        select(FINDINGS.c.token_id, TOKENS.c.text, FINDINGS.c.verdict, FINDINGS.c.score)
+        .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                           TOKENS.c.token_id == FINDINGS.c.token_id))
+        .where(FINDINGS.c.run_id == run_id))]
