@@ -13,7 +13,7 @@ import io
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,6 +28,7 @@ from harness.db import open_db
 from harness.errors import HarnessError
 from harness.evaluate import find_model
 from harness.runner import DEFAULT_STATIC, FLAGGED, VERDICT
+from harness.store import StoredModel
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -91,15 +92,8 @@ class TokenRow:
 class ModelReport:
     """Everything the report shows about one stored model."""
 
-    model_id: int
+    model: StoredModel
     label: str
-    ref: str
-    alias: str | None
-    backend: str
-    fingerprint: str
-    tokenizer_hash: str
-    vocab_size: int
-    created_utc: datetime | None
     runs: dict[str, DetectorRun]  # detector name -> latest run, the verdict run excluded
     static: list[str]  # names in ``runs`` of the detectors that read the weights only
     final: DetectorRun | None  # the latest run of the ``verdict`` pseudo-detector
@@ -110,6 +104,11 @@ class ModelReport:
     glitch_ids: list[int] = field(default_factory=list)
     glitch_raw: list[bytes] = field(default_factory=list)
     glitch_shown: list[str] = field(default_factory=list)  # token_repr of each
+
+    @property
+    def model_id(self) -> int:
+        """The stored model's id."""
+        return self.model.id
 
     @property
     def last_run_utc(self) -> datetime | None:
@@ -179,10 +178,8 @@ def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
     final = runs.pop(VERDICT, None)
     static, verifying = _detector_kinds(list(runs))
     report = ModelReport(
-        model_id=model_id, label=name, ref=m.ref, alias=m.alias, backend=m.backend,
-        fingerprint=m.fingerprint, tokenizer_hash=m.tokenizer_hash, vocab_size=m.vocab_size,
-        created_utc=_as_datetime(m.created_utc), runs=runs, static=static, final=final,
-        verifier=None)
+        model=replace(m, created_utc=_as_datetime(m.created_utc)), label=name, runs=runs,
+        static=static, final=final, verifier=None)
     _load_tokens(engine, report, verifying, cap)
     return report
 
@@ -309,7 +306,7 @@ def scatter(rep: ModelReport, static: str) -> tuple[str | None, dict[str, int]]:
     """One static indicator (x) against the final repeat probability (y, log scale), glitch
     tokens marked; returns the image (None without data) and the counts shown."""
     assert rep.final is not None
-    size = max(rep.vocab_size, int(rep.final.token_ids.max(initial=-1)) + 1,
+    size = max(rep.model.vocab_size, int(rep.final.token_ids.max(initial=-1)) + 1,
                int(rep.runs[static].token_ids.max(initial=-1)) + 1)
     x = rep.runs[static].score_of(size)
     y = rep.final.score_of(size)
@@ -452,13 +449,13 @@ def _header(rep: ModelReport) -> str:
         final_cell = f"{summary} <span class='meta'>(verdict run {rep.final.run_id})</span>"
     else:
         final_cell = ("none stored: the scans ran no behavioural detector (run "
-                      f"<code>harness scan {esc(rep.ref)}</code> with the default detectors)")
-    rows = [("model", f"<b>{esc(rep.alias or rep.ref)}</b>"
-             + (f" <span class='meta'>({esc(rep.ref)})</span>" if rep.alias else "")),
-            ("backend", esc(rep.backend)),
-            ("vocabulary", f"{rep.vocab_size:,} tokens"),
-            ("fingerprint", f"<code>{esc(rep.fingerprint)}</code>"),
-            ("first scanned", _when(rep.created_utc)),
+                      f"<code>harness scan {esc(rep.model.ref)}</code> with the default detectors)")
+    rows = [("model", f"<b>{esc(rep.model.alias or rep.model.ref)}</b>"
+             + (f" <span class='meta'>({esc(rep.model.ref)})</span>" if rep.model.alias else "")),
+            ("backend", esc(rep.model.backend)),
+            ("vocabulary", f"{rep.model.vocab_size:,} tokens"),
+            ("fingerprint", f"<code>{esc(rep.model.fingerprint)}</code>"),
+            ("first scanned", _when(rep.model.created_utc)),
             ("latest run finished", _when(rep.last_run_utc)),
             ("final verdicts", final_cell)]
     kv = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
@@ -486,8 +483,8 @@ def _histograms(rep: ModelReport) -> str:
                         "scores.</p>")
             continue
         flagged = int(np.isin(run.verdicts, FLAGGED).sum())
-        scope = ("every token" if run.token_ids.size >= rep.vocab_size
-                 else f"{run.token_ids.size:,} of {rep.vocab_size:,} tokens")
+        scope = ("every token" if run.token_ids.size >= rep.model.vocab_size
+                 else f"{run.token_ids.size:,} of {rep.model.vocab_size:,} tokens")
         figs.append(_figure_html(
             src, f"histogram of {run.name} scores",
             f"<b>{esc(run.name)}</b> (run {run.run_id}, {scope}): distribution of the scores, "
@@ -516,8 +513,8 @@ def _scatters(rep: ModelReport) -> str:
             src, f"{name} against repeat probability",
             f"<b>{esc(name)}</b> score against the repeat probability from "
             f"{esc(rep.verifier or DEFAULT_VERIFIER)} (log scale), for the {n['both']:,} "
-            f"tokens that have both (of {rep.vocab_size:,}; only the probed candidates have a "
-            f"repeat probability): {n.get('glitch', 0):,} verified glitch tokens as red "
+            f"tokens that have both (of {rep.model.vocab_size:,}; only the probed candidates "
+            f"have a repeat probability): {n.get('glitch', 0):,} verified glitch tokens as red "
             f"crosses, {n.get('suspect', 0):,} suspect as orange triangles, "
             f"{n.get('ok', 0):,} ok as grey dots, as in Land &amp; Bartolo's "
             f"“Fishing for Magikarp” plots.{clipped}"))
@@ -592,7 +589,7 @@ def _keys(rep: ModelReport, by_id: bool) -> list[Any]:
 def _overlap(reports: list[ModelReport]) -> str:
     rows = []
     for a, b in itertools.combinations(reports, 2):
-        same = a.tokenizer_hash == b.tokenizer_hash
+        same = a.model.tokenizer_hash == b.model.tokenizer_hash
         key_a, key_b = _keys(a, same), _keys(b, same)
         text_a: dict[Any, str] = {}
         for k, t in zip(key_a, a.glitch_shown, strict=True):
@@ -670,7 +667,7 @@ def build_report(engine: Engine, models: list[str], cap: int = TABLE_CAP) -> str
     labels = [r.label for r in reports]
     for rep in reports:  # two fingerprints of one reference (e.g. two dtypes): tell them apart
         if labels.count(rep.label) > 1:
-            parts = rep.fingerprint.split("|")  # backend|source|dtype|tok:hash
+            parts = rep.model.fingerprint.split("|")  # backend|source|dtype|tok:hash
             dtype = f"{parts[2]}, " if len(parts) == 4 else ""
             rep.label = f"{rep.label} [{dtype}model {rep.model_id}]"
     url = engine.url
