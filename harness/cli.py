@@ -31,7 +31,7 @@ from harness.db import open_db
 from harness.errors import HarnessError
 from harness.plugins import get_plugin_manager, registry
 from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
-from harness.runner import DEFAULT_CANDIDATES, DEFAULT_DETECTORS, Reporter, scan
+from harness.runner import DEFAULT_CANDIDATES, DEFAULT_DETECTORS, FINISHED, Reporter, scan
 from harness.summary import top_tokens, verdict_counts
 
 out = Console()
@@ -167,7 +167,7 @@ def cmd_scan(
     done: dict[str, int] = {}
     failed = False
     for o in result.outcomes + ([result.verdict] if result.verdict else []):
-        if o.status in ("done", "reused", "resumed", "retried"):
+        if o.status in FINISHED:
             counts = verdict_counts(engine, o.run_id)
             summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             timing = f"{o.wall_s:.2f} s" if o.status != "reused" else "stored run reused"
@@ -444,20 +444,54 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name``, from click and from the copy of click that newer
+    typer releases carry inside them (``typer._click``): whichever parses the command line."""
+    found = {getattr(click.exceptions, name)}
+    found.update(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+    if hasattr(typer, name):  # typer.Exit, typer.Abort
+        found.add(getattr(typer, name))
+    return tuple(found)
+
+
+USAGE_ERRORS = _click_classes("UsageError")
+CLICK_ERRORS = _click_classes("ClickException")
+EXITS = _click_classes("Exit")
+ABORTS = _click_classes("Abort")
+
+
+def _usage_error(exc: Any) -> int:
+    """A mistake in the command line: its usage line and the reason, on stderr."""
+    message = exc.format_message()
+    if not message:  # a group called without a command: click printed its help already
+        return exc.exit_code
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        err.print(escape(ctx.get_usage().strip()), highlight=False, soft_wrap=True)
+    hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    err.print(f"[red]error:[/] {escape(message)}{escape(hint)}", highlight=False,
+              soft_wrap=True)
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    """Entry point: user errors print one line on stderr (a command-line mistake also its
+    usage line) and exit 2, never a traceback."""
     try:
         app = build_app()
         app(args=argv, prog_name="harness", standalone_mode=False)
     except HarnessError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except EXITS as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except USAGE_ERRORS as exc:
+        sys.exit(_usage_error(exc))
+    except CLICK_ERRORS as exc:
+        err.print(f"[red]error:[/] {escape(exc.format_message())}", highlight=False,
+                  soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *ABORTS):
         err.print("interrupted: finished batches are saved; run the same command to resume")
         sys.exit(130)
 

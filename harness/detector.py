@@ -113,6 +113,14 @@ class Detector:
     def missing_capabilities(self, backend: Backend) -> set[Capability]:
         return set(self.requires) - set(backend.capabilities)
 
+    def block_size(self) -> int | None:
+        """How many tokens of a run's scope one block holds: the unit that processes sharing
+        a run claim. Default: the ``batch`` option where the detector has one, else the
+        whole scope in one block (a detector whose batches are not slices of the sorted
+        scope, or that needs the whole scope at once)."""
+        batch = self.options.get("batch")
+        return int(batch) if isinstance(batch, int) and batch > 0 else None
+
     def prepare(self, ctx: ScanContext) -> dict[str, Any]:
         """Resolve options that depend on the model (e.g. an automatic reference set).
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ from harness.detector import Detector, Finding, FindingArrays, ScanContext
 from harness.errors import HarnessError
 from harness.plugins import Registry, registry
 from harness.refs import ResolvedRef, resolve
+from harness.shared_runs import LEASE_S, RunFailed, cut_blocks, is_dead, work_blocks, worker_id
 from harness.vocab import Vocab, analyze
 
 DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-screen",
@@ -33,6 +34,7 @@ DEFAULT_CANDIDATES = 0.02  # budget mode: per static indicator, a fraction of th
 VERDICT = store.VERDICT  # the pseudo-detector whose run holds the final verdict of every token
 VERDICT_VERSION = "2"
 FLAGGED = store.FLAGGED
+FINISHED = ("done", "reused", "resumed", "joined", "retried")  # outcomes with a finished run
 BUDGET_HINT_S = 15 * 60  # past this estimate, a scan points at the budget mode
 
 
@@ -53,7 +55,7 @@ class Reporter:
 class DetectorOutcome:
     detector: str
     run_id: int
-    status: str  # done | reused | resumed | retried | skipped | failed
+    status: str  # done | reused | resumed | joined | retried | skipped | failed
     reason: str | None = None
     wall_s: float = 0.0
     n_findings: int = 0
@@ -121,15 +123,13 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
     return model_id, cats, key
 
 
-def _insert_findings(engine: Engine, run_id: int, batch: list[Finding] | FindingArrays) -> None:
+def _finding_rows(batch: list[Finding] | FindingArrays) -> list[tuple]:
+    """``(token_id, score, verdict, evidence_json)`` of each finding of a batch."""
     if isinstance(batch, FindingArrays):
-        rows = [r[1:] for r in batch.rows(run_id)]
-    else:
-        rows = [(f.token_id, None if f.score is None or not np.isfinite(f.score)
-                 else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
-                for f in batch]
-    with engine.begin() as conn:
-        store.insert_findings(conn, run_id, rows)
+        return [r[1:] for r in batch.rows(0)]
+    return [(f.token_id, None if f.score is None or not np.isfinite(f.score)
+             else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
+            for f in batch]
 
 
 def scope_key(scope: np.ndarray | None) -> str:
@@ -149,14 +149,16 @@ def duration(seconds: float) -> str:
 
 
 def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanContext,
-                 reporter: Reporter, fresh: bool = False, hint: str | None = None
-                 ) -> DetectorOutcome:
+                 reporter: Reporter, fresh: bool = False, hint: str | None = None,
+                 lease_s: float = LEASE_S) -> DetectorOutcome:
     """Run one detector on the tokens of ``ctx.scope`` (default: all), reusing a finished
     run with the same model, detector version, options and scope, or resuming one.
 
-    After the first batch of a long run, the reporter gets an estimate of the time left
-    (with ``hint`` appended when it is long)."""
-    scope = ctx.scope_ids()
+    The run is shared: another process running the same scan on the same database finds
+    the same run and works its blocks alongside (``harness.shared_runs``); the status is
+    then ``joined``. After this process's first batch of a long run, the reporter gets an
+    estimate of the time left (with ``hint`` appended when it is long)."""
+    scope = np.sort(ctx.scope_ids())
     n = len(scope)
     missing = detector.missing_capabilities(ctx.backend)
     base = {"model_id": model_id, "detector": detector.name,
@@ -175,47 +177,63 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
     t0 = time.perf_counter()
     resolved = {**detector.prepare(ctx), "scope": scope_key(ctx.scope)}
     key = options_key(resolved)
-    with engine.connect() as conn:
+    with engine.begin() as conn:
+        store.lock_runs(conn, model_id)  # processes starting one scan at once: one run
         prior = store.latest_matching_run(
             conn, model_id=model_id, detector=detector.name,
             detector_version=detector.version, options_key=key, statuses=("done", "running"))
         errors = 0 if prior is None or fresh else store.count_findings(conn, prior[0], "error")
-    if prior is not None and prior[1] == "done" and not fresh and not errors:
-        return DetectorOutcome(detector.name, prior[0], "reused")
-    if prior is not None and not fresh:
-        # an interrupted run, or a finished one with failed tokens: redo only those
-        run_id = prior[0]
-        status = "resumed" if prior[1] == "running" else "retried"
-        with engine.begin() as conn:
-            store.delete_findings(conn, run_id, "error")
-            store.reopen_run(conn, run_id)
-            done_ids = store.examined_token_ids(conn, run_id)
-        todo = np.setdiff1d(scope, done_ids)
-    else:
-        with engine.begin() as conn:
+        if prior is not None and prior[1] == "done" and not fresh and not errors:
+            return DetectorOutcome(detector.name, prior[0], "reused")
+        if prior is not None and not fresh:
+            # an interrupted or shared run, or a finished one with failed tokens: redo those
+            run_id = prior[0]
+            if prior[1] == "running":
+                others = [w for _, w, _ in store.claimed_blocks(conn, run_id)
+                          if w != worker_id() and not is_dead(w)]
+                status = "joined" if others else "resumed"
+            else:
+                status = "retried"
+                store.reopen_blocks_with(conn, run_id, "error")
+                store.delete_findings(conn, run_id, "error")
+                store.reopen_run(conn, run_id)
+            if not any(store.count_blocks(conn, run_id).values()):  # a run older than blocks
+                store.insert_blocks(conn, run_id, cut_blocks(scope, detector.block_size()))
+        else:
             run_id = store.insert_run(conn, **base, options=resolved, options_key=key,
                                       status="running")
-        status, todo = "done", np.sort(scope)
+            store.insert_blocks(conn, run_id, cut_blocks(scope, detector.block_size()))
+            status = "done"
 
     advance = reporter.start(detector.name, n)
-    advance(n - len(todo))
-    count = 0
-    ctx.progress = advance
+    shown = 0
     started = time.perf_counter()
+    estimated = False
+
+    def progress(stored: int, mine: int) -> None:
+        nonlocal shown, estimated
+        advance(stored - shown)
+        shown = stored
+        if mine and not estimated:
+            estimated = True
+            rate = mine / max(time.perf_counter() - started, 1e-9)
+            left = (n - stored) / rate
+            if left > 60:
+                reporter.note(f"{detector.name}: {n - stored:,} tokens to go at {rate:,.1f} "
+                              f"tokens/s, about {duration(left)}"
+                              + (f"; {hint}" if hint and left > BUDGET_HINT_S else ""))
+
+    def store_batch(conn: Any, batch: list[Finding] | FindingArrays) -> int:
+        store.insert_findings(conn, run_id, _finding_rows(batch))
+        return len(batch)
+
     try:
-        for batch in detector.run(ctx, todo):
-            _insert_findings(engine, run_id, batch)
-            if count == 0 and len(batch) < len(todo):
-                rate = len(batch) / max(time.perf_counter() - started, 1e-9)
-                left = (len(todo) - len(batch)) / rate
-                if left > 60:
-                    reporter.note(f"{detector.name}: {len(todo):,} tokens at {rate:,.1f} "
-                                  f"tokens/s, about {duration(left)} to go"
-                                  + (f"; {hint}" if hint and left > BUDGET_HINT_S else ""))
-            count += len(batch)
-            advance(len(batch))
+        count = work_blocks(engine, run_id, scope, lambda ids: detector.run(ctx, ids),
+                            store_batch, progress, lease_s)
     except (KeyboardInterrupt, SystemExit):
         raise  # the run stays 'running': the next scan resumes it
+    except RunFailed as exc:
+        return DetectorOutcome(detector.name, run_id, "failed", str(exc))
     except HarnessError as exc:
         _finish(engine, run_id, "failed", str(exc), time.perf_counter() - t0)
         return DetectorOutcome(detector.name, run_id, "failed", str(exc))
@@ -230,7 +248,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
         _finish(engine, run_id, "failed", reason, time.perf_counter() - t0)
         return DetectorOutcome(detector.name, run_id, "failed", reason)
     wall = time.perf_counter() - t0
-    _finish(engine, run_id, "done", None, wall)
+    _finish(engine, run_id, "done", None, wall)  # once: the first process to get here
     return DetectorOutcome(detector.name, run_id, status, None, wall, count)
 
 
@@ -272,11 +290,9 @@ def latest_findings(conn: Any, run_ids: Sequence[int], size: int
     return verdicts, scores
 
 
-def record_verdicts(engine: Engine, model_id: int, n_vocab: int, reg: Registry,
-                    fresh: bool = False) -> DetectorOutcome | None:
-    """One final verdict per token from every detector's finished runs on the model,
-    whichever scan wrote them, stored as a run of its own (None while no behavioural
-    detector has finished a run on the model).
+class FinalVerdict(Detector):
+    """The pseudo-detector ``verdict``: one final verdict per token from every detector's
+    latest finished runs on the model (``runs``: their ids by detector name).
 
     Per detector and token the latest finding counts. ``glitch`` when a verifying detector
     (repeat-probe) says so; ``error`` when it failed on the token (or, unverified, a screen
@@ -285,57 +301,69 @@ def record_verdicts(engine: Engine, model_id: int, n_vocab: int, reg: Registry,
     token is verified); else ``ok``. The score is the verifier's (the repeat probability)
     where it examined the token.
     """
-    t0 = time.perf_counter()
+
+    name = VERDICT
+    version = VERDICT_VERSION
+
+    def __init__(self, engine: Engine, runs: dict[str, list[int]],
+                 finished: dict[int, str], reg: Registry) -> None:
+        super().__init__()
+        self.engine, self.runs, self.finished = engine, runs, finished
+        self.kinds = {name: reg.detectors[name][0] if name in reg.detectors else None
+                      for name in runs}
+
+    def prepare(self, ctx: ScanContext) -> dict[str, Any]:
+        # the runs' finishing times are in the key: a run retried since gives a new verdict
+        return {"runs": self.runs, "rule": "v2", "finished": self.finished}
+
+    def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
+        n_vocab = len(ctx.vocab)
+        flagged = np.zeros(n_vocab, dtype=bool)
+        behaviour_flag = np.zeros(n_vocab, dtype=bool)
+        screen_error = np.zeros(n_vocab, dtype=bool)
+        flagged_by: dict[int, list[str]] = {}
+        kinds = self.kinds
+        with self.engine.connect() as conn:
+            verifiers = [rid for name, ids in self.runs.items() if kinds[name] is not None
+                         and kinds[name].verifies for rid in ids]
+            verified, score = latest_findings(conn, verifiers, n_vocab)
+            for name, ids in sorted(self.runs.items()):
+                cls = kinds[name]
+                verd, _ = latest_findings(conn, ids, n_vocab)
+                hit = np.isin(verd, FLAGGED)
+                flagged |= hit
+                for t in np.flatnonzero(hit).tolist():
+                    flagged_by.setdefault(t, []).append(name)
+                if cls is not None and cls.screens:
+                    screen_error |= verd == "error"
+                elif cls is not None and cls.behavioural and not cls.verifies:
+                    behaviour_flag |= hit
+        verdict = np.full(n_vocab, "ok", dtype=object)
+        verdict[flagged] = "suspect"
+        verdict[(verified == "ok") & ~behaviour_flag] = "ok"
+        verdict[(verified == "error") | ((verified == "") & screen_error)] = "error"
+        verdict[verified == "glitch"] = "glitch"
+        yield [Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by.get(t, [])})
+               for t in token_ids.tolist()]
+
+
+def record_verdicts(engine: Engine, ctx: ScanContext, model_id: int, reg: Registry,
+                    reporter: Reporter, fresh: bool = False) -> DetectorOutcome | None:
+    """The final verdict of every token (``FinalVerdict``) from every detector's finished
+    runs on the model, whichever scan wrote them, stored as a run of its own, once however
+    many processes share the scan (None while no behavioural detector has finished a run on
+    the model)."""
     with engine.connect() as conn:
         done = store.done_runs(conn, model_id)
     runs: dict[str, list[int]] = {}
-    for run_id, name in done:
+    for run_id, name, _ in done:
         runs.setdefault(name, []).append(run_id)
-    kinds = {name: reg.detectors[name][0] if name in reg.detectors else None for name in runs}
-    if not any(cls is not None and cls.behavioural for cls in kinds.values()):
+    if not any(name in reg.detectors and reg.detectors[name][0].behavioural for name in runs):
         return None
-    opts = {"runs": runs, "rule": "v2"}
-    key = options_key(opts)
-    base = {"model_id": model_id, "detector": VERDICT, "detector_version": VERDICT_VERSION,
-            "harness_version": __version__, "suspicious_when": "low"}
-    with engine.begin() as conn:
-        prior = store.finished_verdict_run(conn, model_id, key, VERDICT_VERSION)
-        if prior is not None and not fresh:
-            return DetectorOutcome(VERDICT, prior, "reused")
-        run_id = store.insert_run(conn, **base, options=opts, options_key=key,
-                                  status="running")
-    flagged = np.zeros(n_vocab, dtype=bool)
-    behaviour_flag = np.zeros(n_vocab, dtype=bool)
-    screen_error = np.zeros(n_vocab, dtype=bool)
-    flagged_by: dict[int, list[str]] = {}
-    verified = np.full(n_vocab, "", dtype=object)
-    score = np.full(n_vocab, np.nan)
-    with engine.connect() as conn:
-        verifiers = [rid for name, ids in runs.items() if kinds[name] is not None
-                     and kinds[name].verifies for rid in ids]
-        verified, score = latest_findings(conn, verifiers, n_vocab)
-        for name, ids in sorted(runs.items()):
-            cls = kinds[name]
-            verd, _ = latest_findings(conn, ids, n_vocab)
-            hit = np.isin(verd, FLAGGED)
-            flagged |= hit
-            for t in np.flatnonzero(hit).tolist():
-                flagged_by.setdefault(t, []).append(name)
-            if cls is not None and cls.screens:
-                screen_error |= verd == "error"
-            elif cls is not None and cls.behavioural and not cls.verifies:
-                behaviour_flag |= hit
-    verdict = np.full(n_vocab, "ok", dtype=object)
-    verdict[flagged] = "suspect"
-    verdict[(verified == "ok") & ~behaviour_flag] = "ok"
-    verdict[(verified == "error") | ((verified == "") & screen_error)] = "error"
-    verdict[verified == "glitch"] = "glitch"
-    _insert_findings(engine, run_id, [
-        Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by.get(t, [])})
-        for t in range(n_vocab)])
-    wall = time.perf_counter() - t0
-    _finish(engine, run_id, "done", None, wall)
-    return DetectorOutcome(VERDICT, run_id, "done", None, wall, n_vocab)
+    finished = {run_id: str(at) for run_id, _, at in done}
+    ctx = ScanContext(backend=ctx.backend, vocab=ctx.vocab, categories=ctx.categories)
+    return run_detector(engine, model_id, FinalVerdict(engine, runs, finished, reg), ctx,
+                        reporter, fresh)
 
 
 def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTORS,
@@ -386,7 +414,7 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
             ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope)
             outcome = run_detector(engine, model_id, det, ctx, reporter, fresh, hint)
             result.outcomes.append(outcome)
-            if outcome.status in ("done", "reused", "resumed", "retried"):
+            if outcome.status in FINISHED:
                 this_scan[det.name] = (outcome.run_id, det)
 
         for det in dets:
@@ -423,8 +451,9 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
             result.candidates = len(vocab) if scope is None else len(scope)
             for det in behavioural:
                 run(det, scope)
-        changed = any(o.status != "reused" for o in result.outcomes)
-        result.verdict = record_verdicts(engine, model_id, len(vocab), reg, fresh or changed)
+        result.verdict = record_verdicts(
+            engine, ScanContext(backend=be, vocab=vocab, categories=cats), model_id, reg,
+            reporter, fresh)
         return result
     finally:
         be.close()

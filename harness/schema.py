@@ -92,3 +92,27 @@ class FindingRow(Base):
     evidence_json: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
 
     __table_args__ = (Index("ix_findings_run_verdict", "run_id", "verdict"),)
+
+
+class RunBlock(Base):
+    """A block of a run's tokens (those of the run's scope from ``first_token`` to
+    ``last_token``), the unit that processes sharing a run claim: ``open``, ``claimed`` by a
+    ``worker`` until ``lease_until`` (seconds since the epoch, by the database's clock), or
+    ``done``. ``claims`` counts how often it was claimed (more than once: a worker died)."""
+
+    __tablename__ = "run_blocks"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    block: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_token: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_token: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String, nullable=False)  # open|claimed|done
+    worker: Mapped[str | None] = mapped_column(String)
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    claims: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    done_by: Mapped[str | None] = mapped_column(String)
+    wall_s: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_run_blocks_status", "run_id", "status"),)

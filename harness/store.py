@@ -20,16 +20,18 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from harness.schema import FindingRow, Model, Run, Token
+from harness.schema import FindingRow, Model, Run, RunBlock, Token
 
 MODELS = Model.__table__
 TOKENS = Token.__table__
 RUNS = Run.__table__
 FINDINGS = FindingRow.__table__
+BLOCKS = RunBlock.__table__
 
 VERDICT = "verdict"  # the pseudo-detector whose runs hold the final verdicts
 FLAGGED = ("glitch", "suspect")
 INSERT_BATCH = 20_000  # rows per executemany: bounds the memory of one call
+RUNS_LOCK = 0x6C17C5  # PostgreSQL advisory lock class of finding-or-creating a model's runs
 NUL_STANDIN = "\u2400"  # ␀: PostgreSQL text cannot hold U+0000 (raw bytes keep the truth)
 
 
@@ -246,10 +248,27 @@ def insert_run(conn: Connection, *, model_id: int, detector: str, detector_versi
 
 
 def finish_run(conn: Connection, run_id: int, status: str, reason: str | None,
-               wall_s: float) -> None:
-    """Close a run as ``done`` or ``failed``."""
-    conn.execute(update(RUNS).where(RUNS.c.id == run_id).values(
-        status=status, status_reason=reason, finished_utc=now(), wall_s=wall_s))
+               wall_s: float) -> bool:
+    """Close a ``running`` run as ``done`` or ``failed``; False when it was not running
+    (another process sharing it closed it first)."""
+    return conn.execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "running")
+                        .values(status=status, status_reason=reason, finished_utc=now(),
+                                wall_s=wall_s)).rowcount == 1
+
+
+def run_status(conn: Connection, run_id: int) -> tuple[str, str | None]:
+    """(status, reason) of a run."""
+    row = conn.execute(select(RUNS.c.status, RUNS.c.status_reason)
+                       .where(RUNS.c.id == run_id)).one()
+    return row.status, row.status_reason
+
+
+def lock_runs(conn: Connection, model_id: int) -> None:
+    """Hold the model's run lock until the transaction ends, so that processes starting
+    the same scan at once find or create each run exactly once. PostgreSQL: an advisory
+    lock; SQLite: every transaction already holds the write lock (``BEGIN IMMEDIATE``)."""
+    if _is_postgres(conn):
+        conn.execute(select(func.pg_advisory_xact_lock(RUNS_LOCK, int(model_id))))
 
 
 def reopen_run(conn: Connection, run_id: int) -> None:
@@ -270,11 +289,11 @@ def latest_matching_run(conn: Connection, *, model_id: int, detector: str,
     return None if row is None else (int(row.id), row.status)
 
 
-def done_runs(conn: Connection, model_id: int) -> list[tuple[int, str]]:
-    """(id, detector) of every finished detector run on the model, oldest first (the final
-    verdict's own runs excluded)."""
-    return [(int(i), d) for i, d in conn.execute(
-        select(RUNS.c.id, RUNS.c.detector).where(
+def done_runs(conn: Connection, model_id: int) -> list[tuple[int, str, datetime]]:
+    """(id, detector, finished) of every finished detector run on the model, oldest first
+    (the final verdict's own runs excluded)."""
+    return [(int(i), d, f) for i, d, f in conn.execute(
+        select(RUNS.c.id, RUNS.c.detector, RUNS.c.finished_utc).where(
             RUNS.c.model_id == model_id, RUNS.c.status == "done", RUNS.c.detector != VERDICT)
         .order_by(RUNS.c.id))]
 
@@ -297,17 +316,6 @@ def latest_verdict_run(conn: Connection, model_id: int) -> int | None:
     run_id = conn.execute(select(func.max(RUNS.c.id)).where(
         RUNS.c.model_id == model_id, RUNS.c.detector == VERDICT, RUNS.c.status == "done")
     ).scalar()
-    return None if run_id is None else int(run_id)
-
-
-def finished_verdict_run(conn: Connection, model_id: int, options_key: str,
-                         version: str) -> int | None:
-    """A finished final-verdict run of the model drawn from the same runs (``options_key``)
-    by the same rule (``version``), or None."""
-    run_id = conn.execute(select(RUNS.c.id).where(
-        RUNS.c.model_id == model_id, RUNS.c.detector == VERDICT,
-        RUNS.c.options_key == options_key, RUNS.c.detector_version == version,
-        RUNS.c.status == "done").order_by(RUNS.c.id.desc()).limit(1)).scalar()
     return None if run_id is None else int(run_id)
 
 
@@ -479,3 +487,131 @@ def final_verdict_rows(conn: Connection, model_id: int, run_id: int
         .join(TOKENS, and_(TOKENS.c.model_id == model_id,
                            TOKENS.c.token_id == FINDINGS.c.token_id))
         .where(FINDINGS.c.run_id == run_id))]
+
+
+# --- blocks: the units of a run that several processes share --------------------------------
+
+
+@dataclass
+class Block:
+    """One block of a run: the run's tokens from ``first_token`` to ``last_token``."""
+
+    run_id: int
+    block: int
+    first_token: int
+    last_token: int
+    n_tokens: int
+
+
+def database_clock(conn: Connection) -> float:
+    """The database server's time in seconds since the epoch: leases are compared with one
+    clock, whichever machine a process runs on."""
+    if _is_postgres(conn):
+        return float(conn.execute(select(func.extract("epoch", func.clock_timestamp())))
+                     .scalar_one())
+    return float(conn.execute(select((func.julianday("now") - 2440587.5) * 86400.0))
+                 .scalar_one())
+
+
+def insert_blocks(conn: Connection, run_id: int,
+                  bounds: Sequence[tuple[int, int, int]]) -> None:
+    """Cut a run into blocks ``(first_token, last_token, n_tokens)``, all open."""
+    conn.execute(insert(BLOCKS), [
+        {"run_id": run_id, "block": i, "first_token": int(a), "last_token": int(b),
+         "n_tokens": int(n), "status": "open", "claims": 0}
+        for i, (a, b, n) in enumerate(bounds)])
+
+
+def count_blocks(conn: Connection, run_id: int) -> dict[str, int]:
+    """How many of the run's blocks are ``open``, ``claimed`` and ``done``."""
+    counts = {"open": 0, "claimed": 0, "done": 0}
+    counts.update({s: int(n) for s, n in conn.execute(
+        select(BLOCKS.c.status, func.count()).where(BLOCKS.c.run_id == run_id)
+        .group_by(BLOCKS.c.status))})
+    return counts
+
+
+def done_block_tokens(conn: Connection, run_id: int) -> int:
+    """How many of the run's tokens lie in finished blocks."""
+    return int(conn.execute(select(func.coalesce(func.sum(BLOCKS.c.n_tokens), 0)).where(
+        BLOCKS.c.run_id == run_id, BLOCKS.c.status == "done")).scalar_one())
+
+
+def claimed_blocks(conn: Connection, run_id: int) -> list[tuple[int, str, float]]:
+    """(block, worker, lease_until) of the run's claimed blocks."""
+    return [(int(b), w, float(t)) for b, w, t in conn.execute(
+        select(BLOCKS.c.block, BLOCKS.c.worker, BLOCKS.c.lease_until).where(
+            BLOCKS.c.run_id == run_id, BLOCKS.c.status == "claimed"))]
+
+
+def claim_block(conn: Connection, run_id: int, worker: str, lease_s: float,
+                also: Sequence[int] = ()) -> Block | None:
+    """Claim the run's first open block, or one whose lease has run out, or one of ``also``
+    (claims the caller knows to be dead), for ``worker`` until ``lease_s`` seconds from now;
+    None when every block is done or held. Rows another transaction is claiming are skipped,
+    not waited for (PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite: one writer at a time)."""
+    clock = database_clock(conn)
+    takeable = (BLOCKS.c.status == "open") | (
+        (BLOCKS.c.status == "claimed") & ((BLOCKS.c.lease_until < clock)
+                                          | BLOCKS.c.block.in_([int(b) for b in also])))
+    row = conn.execute(
+        select(BLOCKS.c.block, BLOCKS.c.first_token, BLOCKS.c.last_token, BLOCKS.c.n_tokens)
+        .where(BLOCKS.c.run_id == run_id, takeable).order_by(BLOCKS.c.block).limit(1)
+        .with_for_update(skip_locked=True)).first()
+    if row is None:
+        return None
+    taken = conn.execute(update(BLOCKS).where(
+        BLOCKS.c.run_id == run_id, BLOCKS.c.block == row.block, takeable).values(
+        status="claimed", worker=worker, lease_until=clock + lease_s,
+        claims=BLOCKS.c.claims + 1)).rowcount
+    return Block(run_id, int(row.block), int(row.first_token), int(row.last_token),
+                 int(row.n_tokens)) if taken == 1 else None
+
+
+def renew_claims(conn: Connection, worker: str, lease_s: float) -> int:
+    """Extend every claim ``worker`` holds to ``lease_s`` seconds from now; how many."""
+    clock = database_clock(conn)
+    return conn.execute(update(BLOCKS).where(
+        BLOCKS.c.worker == worker, BLOCKS.c.status == "claimed").values(
+        lease_until=clock + lease_s)).rowcount
+
+
+def holds_claim(conn: Connection, block: Block, worker: str) -> bool:
+    """Whether ``worker`` still holds ``block`` (its lease may have run out and another
+    process taken it over)."""
+    row = conn.execute(select(BLOCKS.c.status, BLOCKS.c.worker).where(
+        BLOCKS.c.run_id == block.run_id, BLOCKS.c.block == block.block)
+        .with_for_update()).one()
+    return row.status == "claimed" and row.worker == worker
+
+
+def complete_block(conn: Connection, block: Block, worker: str, wall_s: float) -> None:
+    """Mark a block ``worker`` holds (see ``holds_claim``) done."""
+    conn.execute(update(BLOCKS).where(
+        BLOCKS.c.run_id == block.run_id, BLOCKS.c.block == block.block).values(
+        status="done", worker=None, lease_until=None, done_by=worker, wall_s=wall_s))
+
+
+def release_claims(conn: Connection, worker: str) -> None:
+    """Give back every block ``worker`` holds (it is stopping): they are open again."""
+    conn.execute(update(BLOCKS).where(
+        BLOCKS.c.worker == worker, BLOCKS.c.status == "claimed").values(
+        status="open", worker=None, lease_until=None))
+
+
+def reopen_blocks_with(conn: Connection, run_id: int, verdict: str) -> int:
+    """Open again the finished blocks that hold a finding of the run with ``verdict`` (failed
+    tokens, about to be retried); how many."""
+    has = select(FINDINGS.c.token_id).where(
+        FINDINGS.c.run_id == run_id, FINDINGS.c.verdict == verdict,
+        FINDINGS.c.token_id.between(BLOCKS.c.first_token, BLOCKS.c.last_token)).exists()
+    return conn.execute(update(BLOCKS).where(BLOCKS.c.run_id == run_id, has).values(
+        status="open", worker=None, lease_until=None)).rowcount
+
+
+def examined_in_range(conn: Connection, run_id: int, first: int, last: int) -> np.ndarray:
+    """The ids of the tokens from ``first`` to ``last`` the run has a finding for, sorted."""
+    ids = conn.execute(select(FINDINGS.c.token_id).where(
+        FINDINGS.c.run_id == run_id, FINDINGS.c.token_id.between(first, last))
+        .order_by(FINDINGS.c.token_id)).scalars().all()
+    return np.asarray(ids, dtype=np.int64)

@@ -59,7 +59,13 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer GPT-2 with a byte-level BPE tokenizer trained here, saved as an HF folder.
+    """The tiny GPT-2 of ``build_tiny_model``, built once per session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer GPT-2 with a byte-level BPE tokenizer trained here, saved as an HF folder
+    in ``out``.
 
     Rows ``PLANTED`` of the (tied) embedding matrix are set to one shared value, the way
     never-trained rows look; rows past the tokenizer's size are padding.
@@ -68,7 +74,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-gpt2")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS, vocab_size=TINY_VOCAB, min_frequency=1,
                             special_tokens=["<|endoftext|>"], show_progress=False)

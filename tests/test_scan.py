@@ -160,6 +160,27 @@ def test_bad_input_is_one_line_exit_2(cli, args, message):
     assert "Traceback" not in err and err.strip().count("\n") == 0, err
 
 
+@pytest.mark.parametrize("args, usage, message", [
+    (("elicit",), "Usage: harness [OPTIONS] COMMAND", "No such command 'elicit'"),
+    (("scan", "--no-such-flag"), "Usage: harness scan [OPTIONS]",
+     "No such option: --no-such-flag"),
+    (("compare",), "Usage: harness compare [OPTIONS]", "Missing argument 'models'"),
+    (("sql",), "Usage: harness sql [OPTIONS]", "Missing argument 'query'"),
+    (("scan", "smollm2", "--top", "abc"), "Usage: harness scan [OPTIONS]",
+     "Invalid value for '--top'"),
+    (("db", "nope"), "Usage: harness db [OPTIONS] COMMAND", "No such command 'nope'"),
+])
+def test_command_line_mistakes_give_the_usage_line_and_the_reason(cli, args, usage, message):
+    """An unknown command or option, a missing argument, a value of the wrong type: the
+    usage line, then the reason in one line; exit 2, no traceback."""
+    code, out, err = cli(*args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(usage), err
+    assert lines[1].startswith("error: ") and message in lines[1], err
+    assert out == ""
+
+
 def test_bad_gguf_files_are_one_line(cli, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
