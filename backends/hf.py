@@ -37,6 +37,7 @@ from harness.backend import (
 )
 from harness.errors import HarnessError, ModelLoadError
 from harness.hookspecs import hookimpl
+from harness.options import BackendOption
 from harness.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 @hookimpl
 def register_backends(register):
-    register("hf", HFBackend)
+    register("hf", HFBackend, default=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -80,6 +81,12 @@ class HFBackend(Backend):
     name = "hf"
     capabilities = frozenset({Capability.VOCAB, Capability.EMBEDDINGS, Capability.SCORE,
                               Capability.GENERATE})
+    load_options = (
+        BackendOption("dtype", str, "auto", "auto, float32, bfloat16 or float16"),
+        BackendOption("device", str, "auto", "auto (CUDA when present), cpu, cuda, cuda:1 ..."),
+        BackendOption("batch_tokens", int, None,
+                      "tokens per forward pass (default 4096 on CPU, from free memory on CUDA)"),
+    )
 
     def __init__(self, target: str, dtype: str = "auto", device: str = "auto",
                  batch_tokens: int | None = None, **options: Any) -> None:

@@ -33,6 +33,7 @@ from harness.backend import (
 )
 from harness.errors import HarnessError, ModelLoadError
 from harness.hookspecs import hookimpl
+from harness.options import BackendOption
 from harness.vocab import Vocab
 
 DEFAULT_CTX = 8192  # KV cells shared by all the sequences of one decode
@@ -249,6 +250,12 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = frozenset({Capability.VOCAB, Capability.EMBEDDINGS, Capability.SCORE,
                               Capability.GENERATE})
+    load_options = (
+        BackendOption("threads", int, None, "CPU threads (default: every core)"),
+        BackendOption("n_ctx", int, DEFAULT_CTX,
+                      "key/value cells shared by the sequences of a decode"),
+        BackendOption("seqs", int, MAX_SEQS, "sequences decoded at once"),
+    )
 
     def __init__(self, target: str, threads: int | None = None, n_ctx: int = DEFAULT_CTX,
                  seqs: int = MAX_SEQS, **options: Any) -> None:

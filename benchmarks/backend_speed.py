@@ -27,7 +27,7 @@ from harness.db import open_db
 from harness.detector import ScanContext
 from harness.plugins import registry
 from harness.refs import resolve
-from harness.runner import DEFAULT_CANDIDATES, DEFAULT_STATIC, load_backend, scan, select_candidates
+from harness.runner import DEFAULT_CANDIDATES, load_backend, scan, select_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = open_db(f"sqlite:///{tmp}/bench.db")
-        static = scan("smollm2", engine, list(DEFAULT_STATIC), backend="llamacpp")
+        static = scan("smollm2", engine, registry().default_static(), backend="llamacpp")
         cands = select_candidates(engine, [o.run_id for o in static.outcomes],
                                   static.vocab_size, DEFAULT_CANDIDATES)
     rng = np.random.default_rng(0)

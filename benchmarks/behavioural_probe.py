@@ -39,7 +39,7 @@ from harness.db import open_db
 from harness.detector import ScanContext
 from harness.plugins import registry
 from harness.refs import resolve
-from harness.runner import DEFAULT_CANDIDATES, DEFAULT_STATIC, load_backend, scan, select_candidates
+from harness.runner import DEFAULT_CANDIDATES, load_backend, scan, select_candidates
 from harness.vocab import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def main() -> None:
     reg = registry()
     with tempfile.TemporaryDirectory() as tmp:
         engine = open_db(f"sqlite:///{tmp}/bench.db")
-        static = scan(args.model, engine, list(DEFAULT_STATIC))
+        static = scan(args.model, engine, registry().default_static())
         run_ids = [o.run_id for o in static.outcomes]
         candidates = select_candidates(engine, run_ids, static.vocab_size, DEFAULT_CANDIDATES)
     be = load_backend(resolve(args.model, reg, None), reg)

@@ -76,7 +76,7 @@ else:  # glitch: time repeat-probe on the given tokens
     be = load_backend(resolve(model, reg, None), reg)
     vocab = be.vocab()
     cats = analyze(vocab, be.encode_batch)
-    det = reg.detectors["repeat-probe"][0](**options)
+    det = reg.detectors["repeat-probe"].cls(**options)
     ctx = ScanContext(backend=be, vocab=vocab, categories=cats)
     det.prepare(ctx)
     list(det.run(ctx, np.asarray(ids[:4])))  # warm-up: prefix caches, allocator

@@ -45,7 +45,8 @@ import numpy as np
 from sqlalchemy import text
 
 from harness.db import open_db
-from harness.runner import DEFAULT_SCREEN, DEFAULT_STATIC, flagged_tokens, scan
+from harness.plugins import registry
+from harness.runner import flagged_tokens, scan
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = {"repeat-probe": {"scout_below": 0}}
@@ -79,7 +80,7 @@ def build_reference(model: str, db: Path, full: bool, sample: int, seed: int,
                     flagged_sample: int | None) -> dict:
     engine = open_db(f"sqlite:///{db}")
     t0 = time.perf_counter()
-    static = scan(model, engine, list(DEFAULT_STATIC))
+    static = scan(model, engine, registry().default_static())
     flagged = flagged_tokens(engine, [o.run_id for o in static.outcomes])
     rng = np.random.default_rng(seed)
     random = np.sort(rng.choice(static.vocab_size, min(sample, static.vocab_size),
@@ -116,8 +117,8 @@ def stored_reference(db: Path, sample: int, seed: int) -> dict:
 def scan_on(model: str, engine, tokens: list[int]) -> tuple[object, dict]:
     """The default pipeline, stage by stage, on ``tokens`` only; the last scan's result and
     the stages' sizes, walls and rates."""
-    static = scan(model, engine, list(DEFAULT_STATIC))
-    screen = scan(model, engine, [DEFAULT_SCREEN], tokens=tokens)
+    static = scan(model, engine, registry().default_static())
+    screen = scan(model, engine, [registry().default_screen()], tokens=tokens)
     runs = [o.run_id for o in static.outcomes + screen.outcomes]
     verify = np.intersect1d(flagged_tokens(engine, runs), tokens).tolist()
     result = scan(model, engine, ["repeat-probe"], tokens=verify)
@@ -125,7 +126,7 @@ def scan_on(model: str, engine, tokens: list[int]) -> tuple[object, dict]:
              + result.outcomes}
     stages = {"screened": len(tokens), "verified": len(verify),
               "stages_s": {k: round(v, 1) for k, v in walls.items()},
-              "screen_tok_per_s": round(len(tokens) / walls[DEFAULT_SCREEN], 1),
+              "screen_tok_per_s": round(len(tokens) / walls[registry().default_screen()], 1),
               "verify_tok_per_s": round(len(verify) / walls["repeat-probe"], 3)
               if verify else None}
     return result, stages
@@ -213,8 +214,8 @@ def main() -> None:
     if stages:
         # the whole-vocabulary scan from the measured rates: the screen on every token, the
         # cascade on the random sample's unsettled share of the rest plus every static flag
-        static_flags = set(flagged_tokens(engine, [
-            o for o in (latest_run(engine, mid, d) for d in DEFAULT_STATIC) if o]).tolist())
+        static_runs = (latest_run(engine, mid, d) for d in registry().default_static())
+        static_flags = set(flagged_tokens(engine, [o for o in static_runs if o]).tolist())
         rnd = [t for t in ref["random"] if t in screen]
         unsettled = (sum(screen[t][0] != "ok" and t not in static_flags for t in rnd)
                      / len(rnd)) if rnd else 0.0

@@ -36,7 +36,8 @@ from backends.openai_api import OpenAIBackend  # noqa: E402
 from detectors.repeat_probe import RepeatProbe  # noqa: E402
 from harness.db import open_db  # noqa: E402
 from harness.detector import ScanContext  # noqa: E402
-from harness.runner import DEFAULT_CANDIDATES, DEFAULT_STATIC, scan, select_candidates  # noqa: E402
+from harness.plugins import registry  # noqa: E402
+from harness.runner import DEFAULT_CANDIDATES, scan, select_candidates  # noqa: E402
 from tests.llama_server import start_llama_server  # noqa: E402
 
 THRESHOLD = 0.01
@@ -47,7 +48,7 @@ def candidates_sample(size: int) -> list[int]:
     seed 0."""
     with tempfile.TemporaryDirectory() as tmp:
         engine = open_db(f"sqlite:///{tmp}/bench.db")
-        static = scan("smollm2", engine, list(DEFAULT_STATIC))
+        static = scan("smollm2", engine, registry().default_static())
         run_ids = [o.run_id for o in static.outcomes]
         candidates = select_candidates(engine, run_ids, static.vocab_size, DEFAULT_CANDIDATES)
     rng = np.random.default_rng(0)

@@ -98,7 +98,7 @@ def detector_compute(model: str, cache: Path) -> dict:
     ids = np.arange(len(vocab))
     out = {}
     for name in ("embedding-centroid", "unembedding-cosine"):
-        det = reg.detectors[name][0]()
+        det = reg.detectors[name].cls()
         t = time.perf_counter()
         opts = det.prepare(ctx)
         batches = list(det.run(ctx, ids))

@@ -56,8 +56,9 @@ import backends.hf as hf_module
 from backends.hf import HFBackend
 from detectors.repeat_probe import RepeatProbe
 from harness.backend import ProbeRequest, ProbeResult
-from harness.detector import GLITCH, Finding, ScanContext
+from harness.detector import Finding, ScanContext
 from harness.probe import PromptPlan
+from harness.verdicts import GLITCH
 from harness.vocab import analyze
 from probes import VERIFY_3
 

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from harness.backend import Capability, GenerateRequest
-from harness.detector import ERROR, OK, SUSPECT, Detector, Finding, ScanContext
+from harness.detector import Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
 from harness.probe import find_probe_set, plan_prompt
+from harness.verdicts import ERROR, OK, SUSPECT
 
 
 class Determinism(Detector):

@@ -32,6 +32,7 @@ class EmbeddingCentroid(Detector):
     description = "distance of each input-embedding row to the centroid (and its norm)"
     requires = frozenset({Capability.EMBEDDINGS})
     suspicious_when = "low"
+    default = True  # in every scan that names no detectors
     defaults = {"z": 3.5, "indicator": "distance", "percentile": 0.0, "duplicates": True}
 
     def prepare(self, ctx: ScanContext) -> dict:

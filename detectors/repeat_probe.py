@@ -25,10 +25,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.backend import Capability, GenerateRequest, ProbeRequest, ProbeResult
-from harness.detector import ERROR, GLITCH, OK, Detector, Finding, ScanContext
+from harness.detector import Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
 from harness.probe import PromptPlan, find_probe_set, plan_probe_set
+from harness.verdicts import ERROR, GLITCH, OK
 
 _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")
 
@@ -62,6 +63,7 @@ class RepeatProbe(Detector):
     suspicious_when = "low"
     behavioural = True
     verifies = True
+    default = True  # in every scan that names no detectors
     defaults = {"probes": "verify-3", "threshold": 0.01, "steps": 3, "mode": "auto",
                 "order": "cost", "max_new_tokens": 12, "batch": 256, "scout_below": 1e-5}
     # the verdict of a token no prompt showed the model repeating

@@ -11,8 +11,8 @@ the verifier (``repeat-probe``), whose verdict is the final word.
 from __future__ import annotations
 
 from detectors.repeat_probe import RepeatProbe
-from harness.detector import SUSPECT
 from harness.hookspecs import hookimpl
+from harness.verdicts import SUSPECT
 
 
 class RepeatScreen(RepeatProbe):
@@ -30,6 +30,7 @@ class RepeatScreen(RepeatProbe):
     screens = True
     # settling needs twice the verifier's 0.01: a short prompt can show a token repeated
     # that the long ones do not (seen on Gemma 3: 0.018 after six repeats, 0.009 after 101)
+    default = True  # in every scan that names no detectors
     defaults = {**RepeatProbe.defaults, "probes": "screen", "threshold": 0.02, "steps": 1,
                 "order": "given", "batch": 2048, "scout_below": 0.0}
     unrepeated = SUSPECT

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from harness.backend import Capability, ScoreRequest
-from harness.detector import ERROR, OK, SUSPECT, Detector, FindingArrays, ScanContext
+from harness.detector import Detector, FindingArrays, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
+from harness.verdicts import ERROR, OK, SUSPECT
 
 SEQUENCES_PER_BLOCK = 64
 

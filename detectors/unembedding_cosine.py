@@ -71,6 +71,7 @@ class UnembeddingCosine(Detector):
     description = "cosine distance of unembedding rows to the mean of known-unused tokens"
     requires = frozenset({Capability.EMBEDDINGS})
     suspicious_when = "low"
+    default = True  # in every scan that names no detectors
     defaults = {"reference": "auto", "z": 3.5, "remove_pc": True}
 
     def prepare(self, ctx: ScanContext) -> dict:

@@ -10,10 +10,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.options import BackendOption
 from harness.vocab import Vocab
 
 
@@ -133,7 +134,9 @@ class ProbeResult:
 
 
 class Backend(ABC):
-    """One loaded model. Subclasses set ``name`` and ``capabilities``.
+    """One loaded model. Subclasses set ``name`` and ``capabilities``, and declare in
+    ``load_options`` the keyword options their constructor takes (``harness scan -b
+    NAME=VALUE``; ``harness plugins`` lists them).
 
     White-box backends implement the embedding methods; black-box backends leave them
     raising ``NotImplementedError`` and do not declare ``Capability.EMBEDDINGS``.
@@ -141,6 +144,7 @@ class Backend(ABC):
 
     name: str = "backend"
     capabilities: frozenset[Capability] = frozenset()
+    load_options: ClassVar[tuple[BackendOption, ...]] = ()
 
     def __init__(self, target: str, **options: Any) -> None:
         self.target = target

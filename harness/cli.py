@@ -29,16 +29,21 @@ from rich.table import Table
 from harness import __version__, paths
 from harness.db import open_db
 from harness.errors import HarnessError
+from harness.options import parse_assignments
 from harness.plugins import get_plugin_manager, registry
 from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
-from harness.runner import DEFAULT_CANDIDATES, DEFAULT_DETECTORS, FINISHED, Reporter, scan
+from harness.runner import DEFAULT_CANDIDATES, FINISHED, Reporter, scan
 from harness.summary import top_tokens, verdict_counts
+from harness.verdicts import ERROR, FINAL, FLAGGED, GLITCH, SKIPPED, SUSPECT, VERDICTS
 
 out = Console()
 err = Console(stderr=True)
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", help="Database file or SQLAlchemy URL (default: $HARNESS_DB, else the data dir).")]
+BackendOptions = Annotated[list[str] | None, typer.Option(
+    "--backend-option", "-b", help="Backend option NAME=VALUE (repeatable); `harness plugins` "
+    "lists what each backend takes.")]
 
 
 def _db_url(db: str | None) -> str:
@@ -89,6 +94,21 @@ def _parse_options(options: list[str]) -> dict[str, dict[str, Any]]:
     return parsed
 
 
+def _backend_options(items: list[str] | None) -> dict[str, str]:
+    """The ``-b NAME=VALUE`` options, by name (checked against the backend when it loads)."""
+    return parse_assignments(items or [], "--backend-option", "-b threads=4")
+
+
+def _detector_names(detectors: str | None) -> list[str]:
+    """The names ``--detectors`` gives; those that run by default when it is not given."""
+    if detectors is None:
+        return registry().default_detectors()
+    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    if not names:
+        raise HarnessError("--detectors names no detector")
+    return names
+
+
 def show_token(text: str) -> str:
     return escape(repr(text))
 
@@ -96,13 +116,11 @@ def show_token(text: str) -> str:
 def cmd_scan(
     model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")]
     = "smollm2",
-    detectors: Annotated[str, typer.Option(
-        "--detectors", "-d", help="Comma-separated detector names.")] = ",".join(DEFAULT_DETECTORS),
+    detectors: Annotated[str | None, typer.Option(
+        "--detectors", "-d", help="Comma-separated detector names (default: the detectors "
+        "that run by default, marked in `harness plugins`).")] = None,
     db: DbOption = None,
     backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
-    dtype: Annotated[str | None, typer.Option(
-        help="auto, float32, bfloat16 or float16 (hf backend).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="Detector option DETECTOR.KEY=VALUE (repeatable).")] = None,
     top: Annotated[int, typer.Option(help="How many suspicious tokens to list.")] = 25,
@@ -118,25 +136,12 @@ def cmd_scan(
     tokens: Annotated[str | None, typer.Option(
         help="Comma-separated token ids: run the behavioural detectors on exactly these.")]
     = None,
-    batch_tokens: Annotated[int | None, typer.Option(
-        help="Tokens per forward pass (hf backend; default 4096 on CPU, 65536 on CUDA).")]
-    = None,
-    threads: Annotated[int | None, typer.Option(
-        help="CPU threads (llamacpp backend; default: every core).")] = None,
-    tokenizer: Annotated[str | None, typer.Option(
-        help="Tokenizer of a model behind an API (openai backend): an alias, a .gguf file, "
-             "an HF tokenizer folder or tiktoken:ENCODING.")] = None,
-    concurrency: Annotated[int | None, typer.Option(
-        help="Requests in flight at once (openai backend; default 4).")] = None,
-    timeout: Annotated[float | None, typer.Option(
-        help="Seconds before a request is retried (openai backend; default 60).")] = None,
+    backend_option: BackendOptions = None,
 ) -> None:
     """Scan MODEL: static detectors on every token, a behavioural screen of every token,
     verification of what it does not settle and of what the static detectors flag, and one
     final verdict per token."""
-    names = [d.strip() for d in detectors.split(",") if d.strip()]
-    if not names:
-        raise HarnessError("--detectors names no detector")
+    names = _detector_names(detectors)
     token_ids = None
     if tokens is not None:
         try:
@@ -145,9 +150,7 @@ def cmd_scan(
             raise HarnessError(f"--tokens takes comma-separated token ids, not {tokens!r}"
                                ) from None
     engine = open_db(_db_url(db))
-    backend_options = {"dtype": dtype, "device": device, "batch_tokens": batch_tokens,
-                       "threads": threads, "tokenizer": tokenizer, "concurrency": concurrency,
-                       "timeout": timeout}
+    backend_options = _backend_options(backend_option)
     progress = _progress()
     with progress:
         result = scan(model, engine, names, backend=backend, backend_options=backend_options,
@@ -176,7 +179,7 @@ def cmd_scan(
         else:
             failed = failed or o.status == "failed"
             out.print(f"  {o.detector}: [yellow]{o.status}[/]: {escape(o.reason or '')}")
-    final = done.pop("verdict", None)
+    final = done.pop(FINAL, None)
     ranked = top_tokens(engine, result.model_id, done, top, final_run=final)
     if ranked:
         name = escape(result.ref.alias or result.ref.ref)
@@ -193,7 +196,7 @@ def cmd_scan(
             cells = []
             for det in done:
                 s = r.scores[det]
-                mark = "[red]*[/]" if r.verdicts[det] in ("glitch", "suspect") else ""
+                mark = "[red]*[/]" if r.verdicts[det] in FLAGGED else ""
                 cells.append(("-" if s is None else f"{s:.4f}") + mark)
             verdict = [_styled(r.final or "-")] if final is not None else []
             table.add_row(str(r.token_id), show_token(r.text), r.category, *verdict,
@@ -207,7 +210,7 @@ def cmd_scan(
 
 
 def _styled(verdict: str) -> str:
-    colour = {"glitch": "bold red", "suspect": "yellow", "error": "magenta"}.get(verdict)
+    colour = {GLITCH: "bold red", SUSPECT: "yellow", ERROR: "magenta"}.get(verdict)
     return f"[{colour}]{verdict}[/]" if colour else verdict
 
 
@@ -218,7 +221,7 @@ def cmd_evaluate(
              "(e.g. repeat-12: the 141 GPT-2/GPT-J glitch tokens).")],
     db: DbOption = None,
     positive: Annotated[str, typer.Option(
-        help="Verdicts that count as calling a token glitchy (comma-separated).")] = "glitch",
+        help="Verdicts that count as calling a token glitchy (comma-separated).")] = GLITCH,
     show: Annotated[int, typer.Option(help="How many missed tokens to list.")] = 20,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -226,10 +229,9 @@ def cmd_evaluate(
     from harness.evaluate import evaluate, load_truth
 
     wanted = tuple(v.strip() for v in positive.split(",") if v.strip())
-    unknown = set(wanted) - {"glitch", "suspect", "error", "ok"}
-    if unknown or not wanted:
-        raise HarnessError(f"--positive takes verdicts glitch, suspect, error, ok "
-                           f"(got {positive!r})")
+    allowed = [v for v in VERDICTS if v != SKIPPED]
+    if set(wanted) - set(allowed) or not wanted:
+        raise HarnessError(f"--positive takes verdicts {', '.join(allowed)} (got {positive!r})")
     engine = open_db(_db_url(db))
     ev = evaluate(engine, model, load_truth(truth, registry()), wanted)
     if as_json:
@@ -254,9 +256,9 @@ FORMATS = ("table", "json", "csv", "markdown")
 
 def cmd_compare(
     models: Annotated[list[str], typer.Argument(help="Two or more models (alias or ref).")],
-    detectors: Annotated[str, typer.Option(
-        "--detectors", "-d", help="Detectors to compare (scanned where missing).")]
-    = ",".join(DEFAULT_DETECTORS),
+    detectors: Annotated[str | None, typer.Option(
+        "--detectors", "-d", help="Detectors to compare, scanned where missing (default: "
+        "the detectors that run by default).")] = None,
     db: DbOption = None,
     stored: Annotated[bool, typer.Option(
         "--stored", help="Compare what is stored; scan nothing, load no model.")] = False,
@@ -266,6 +268,7 @@ def cmd_compare(
     fmt: Annotated[str, typer.Option(
         "--format", help="table, json, csv or markdown.")] = "table",
     top: Annotated[int, typer.Option(help="How many tokens to list per set.")] = 15,
+    backend_option: BackendOptions = None,
 ) -> None:
     """Compare the glitch tokens of MODELS: counts, overlap, Jaccard index and rank
     correlation per detector and for the final verdict; tokens glitchy in all or in one."""
@@ -276,7 +279,8 @@ def cmd_compare(
         raise HarnessError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if len(models) < 2:
         raise HarnessError("compare needs at least two models")
-    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    names = _detector_names(detectors)
+    backend_options = _backend_options(backend_option)
     engine = open_db(_db_url(db))
     sides = []
     for model in models:
@@ -285,15 +289,15 @@ def cmd_compare(
         else:
             progress = _progress(transient=True)
             with progress:
-                result = scan(model, engine, names, reporter=RichReporter(progress),
-                              candidates=candidates)
+                result = scan(model, engine, names, backend_options=backend_options,
+                              reporter=RichReporter(progress), candidates=candidates)
             failed = [o for o in result.outcomes if o.status in ("failed", "skipped")]
             for o in failed:
                 err.print(f"[yellow]{escape(model)}: {o.detector} {o.status}[/]: "
                           f"{escape(o.reason or '')}")
             runs = {o.detector: o.run_id for o in result.outcomes if o not in failed}
             if result.verdict is not None:
-                runs["verdict"] = result.verdict.run_id
+                runs[FINAL] = result.verdict.run_id
             model_id, label = result.model_id, result.ref.alias or result.ref.ref
         sides.append(load_side(engine, label, model_id, runs))
     render(compare(sides, top), fmt, out)
@@ -308,7 +312,7 @@ def stored_runs(engine: Any, model: str, names: list[str]) -> tuple[int, str, di
     model_id, label = find_model(engine, model)
     with engine.connect() as conn:
         latest = store.latest_done_runs(conn, model_id)
-    runs = {r.detector: r.id for r in latest if r.detector in names or r.detector == "verdict"}
+    runs = {r.detector: r.id for r in latest if r.detector in names or r.detector == FINAL}
     if not runs:
         raise HarnessError(f"{label!r} has no finished run of {', '.join(names)}: run "
                            f"`harness scan {model}` first")
@@ -330,23 +334,35 @@ def cmd_models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     table.add_column("backend", no_wrap=True)
     table.add_column("package", overflow="fold")
     for a in aliases:
-        table.add_row(a.alias, escape(a.describe_target()), a.backend or "hf (default)",
-                      a.source)
+        table.add_row(a.alias, escape(a.describe_target()),
+                      a.backend or f"{reg.default_backend()} (default)", a.source)
     out.print(table)
     out.print("[dim]Also: BACKEND:TARGET (e.g. hf:openai-community/gpt2), "
               "or a path to a .gguf file or a Hugging Face model folder.[/]")
+
+
+def _kind(cls: type) -> str:
+    """What a detector class declares itself: static, screen, verifier or behavioural."""
+    if not cls.behavioural:
+        return "static"
+    return "screen" if cls.screens else "verifier" if cls.verifies else "behavioural"
 
 
 def cmd_plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List every backend, detector, probe set and model alias, with the package it came from."""
     reg = registry()
     data = {
-        "backends": [{"name": b.name, "package": b.source} for b in reg.backends.values()],
-        "detectors": [{"name": n, "version": c.version, "requires": sorted(c.requires),
-                       "description": c.description, "package": s}
-                      for n, (c, s) in reg.detectors.items()],
-        "probes": [{"name": n, "description": p.description, "templates": len(p.templates),
-                    "package": s} for n, (p, s) in reg.probes.items()],
+        "backends": [{"name": b.name, "default": b.default, "package": b.source,
+                      "options": [{"name": o.name, "type": o.type.__name__,
+                                   "default": o.default, "help": o.help} for o in b.options]}
+                     for b in reg.backends.values()],
+        "detectors": [{"name": n, "version": d.cls.version, "kind": _kind(d.cls),
+                       "default": d.cls.default, "requires": sorted(d.cls.requires),
+                       "description": d.cls.description, "package": d.source}
+                      for n, d in reg.detectors.items()],
+        "probes": [{"name": n, "description": p.probe_set.description,
+                    "templates": len(p.probe_set.templates), "package": p.source}
+                   for n, p in reg.probes.items()],
         "models": [{"name": a.alias, "target": a.describe_target(), "package": a.source}
                    for a in reg.models.values()],
         "plugins": [name for name, _ in get_plugin_manager().list_name_plugin()],
@@ -354,16 +370,19 @@ def cmd_plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         out.print_json(json.dumps(data))
         return
-    shown = {"backends": ("name", "package"), "detectors": ("name", "version", "requires",
-                                                             "package"),
+    shown = {"backends": ("name", "default", "options", "package"),
+             "detectors": ("name", "version", "kind", "default", "requires", "package"),
              "probes": ("name", "templates", "package"), "models": ("name", "package")}
     for kind, cols in shown.items():
         table = Table(title=kind.capitalize() if kind != "probes" else "Probe sets")
         for c in cols:
-            table.add_column(c, no_wrap=c == "name", overflow="fold")
+            table.add_column(c, no_wrap=c in ("name", "kind", "default"), overflow="fold")
         for r in data[kind]:
-            table.add_row(*[escape(", ".join(r[c]) if isinstance(r[c], list) else str(r[c]))
-                            for c in cols])
+            if kind == "backends":
+                r = {**r, "options": [f"{o['name']}={o['type']}" for o in r["options"]]}
+            table.add_row(*[escape(", ".join(r[c]) if isinstance(r[c], list) else
+                                   ("yes" if r[c] else "") if isinstance(r[c], bool) else
+                                   str(r[c])) for c in cols])
         out.print(table)
     out.print("[dim]Descriptions: harness plugins --json[/]")
 
@@ -469,6 +488,14 @@ def _usage_error(exc: Any) -> int:
     if ctx is not None:
         err.print(escape(ctx.get_usage().strip()), highlight=False, soft_wrap=True)
     hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    flag = getattr(exc, "option_name", None)  # an unknown option: a backend's, given as a flag?
+    if flag:
+        key = flag.lstrip("-").replace("-", "_")
+        owners = [b.name for b in registry().backends.values()
+                  if any(o.name == key for o in b.options)]
+        if owners:
+            hint = (f"; {flag} is an option of backend {', '.join(owners)}: write "
+                    f"-b {key}=VALUE (--backend-option)")
     err.print(f"[red]error:[/] {escape(message)}{escape(hint)}", highlight=False,
               soft_wrap=True)
     return exc.exit_code

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from harness import store
 from harness.errors import HarnessError
-from harness.store import FLAGGED, VERDICT
+from harness.verdicts import FINAL, FLAGGED, GLITCH
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Side:
     def flagged(self, detector: str) -> np.ndarray:
         """Tokens the detector calls glitchy: ``glitch`` for the final verdict, ``glitch`` or
         ``suspect`` for a detector."""
-        wanted = ("glitch",) if detector == VERDICT else FLAGGED
+        wanted = (GLITCH,) if detector == FINAL else FLAGGED
         return np.isin(self.verdicts[detector], wanted)
 
 
@@ -117,7 +117,7 @@ def compare(sides: list[Side], top: int = 20) -> Comparison:
     if len(sides) < 2:
         raise HarnessError("compare needs at least two models")
     common = [d for d in sides[0].verdicts if all(d in s.verdicts for s in sides[1:])]
-    detectors = [d for d in common if d != VERDICT] + ([VERDICT] if VERDICT in common else [])
+    detectors = [d for d in common if d != FINAL] + ([FINAL] if FINAL in common else [])
     if not detectors:
         raise HarnessError("the models have no detector run in common: scan them with the "
                            "same detectors")

@@ -10,14 +10,9 @@ import numpy as np
 
 from harness.backend import Backend, Capability
 from harness.errors import HarnessError
+from harness.options import coerce
+from harness.verdicts import OK, SUSPECT
 from harness.vocab import Vocab
-
-GLITCH = "glitch"
-SUSPECT = "suspect"
-OK = "ok"
-ERROR = "error"
-SKIPPED = "skipped"
-VERDICTS = (GLITCH, SUSPECT, OK, ERROR, SKIPPED)
 
 
 @dataclass
@@ -87,7 +82,8 @@ class Detector:
     that ``screens`` is a cheap behavioural first stage run on every token: its ``ok``
     settles a token, and a scan sends every token it flags on to the other behavioural
     detectors. A detector that ``verifies`` gives the final word: its ``glitch`` and ``ok``
-    decide the scan's verdict of a token.
+    decide the scan's verdict of a token. A ``default`` detector runs in every scan that
+    names no detectors; the core names none itself.
     """
 
     name: ClassVar[str]
@@ -99,6 +95,7 @@ class Detector:
     behavioural: ClassVar[bool] = False
     screens: ClassVar[bool] = False  # a first stage on every token (repeat-screen)
     verifies: ClassVar[bool] = False  # its glitch/ok verdict is final (repeat-probe)
+    default: ClassVar[bool] = False  # runs in a scan that names no detectors
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.defaults)
@@ -107,7 +104,8 @@ class Detector:
             raise HarnessError(f"detector {self.name!r} has no option "
                                f"{', '.join(sorted(unknown))} (options: {known})")
         self.options: dict[str, Any] = {
-            k: _coerce(v, self.defaults[k], k) for k, v in {**self.defaults, **options}.items()
+            k: v if self.defaults[k] is None else coerce(v, type(self.defaults[k]), k)
+            for k, v in {**self.defaults, **options}.items()
         }
 
     def missing_capabilities(self, backend: Backend) -> set[Capability]:
@@ -133,27 +131,6 @@ class Detector:
         """Yield findings for ``token_ids`` in batches (lists of ``Finding`` or one
         ``FindingArrays``); each batch is committed as it comes."""
         raise NotImplementedError
-
-
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Options arrive from the CLI as strings: give them the type of their default."""
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
-        return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except ValueError:
-        raise HarnessError(
-            f"option {key}={value!r} is not a valid {type(default).__name__}") from None
-    return value
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:

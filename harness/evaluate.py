@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 from harness import store
 from harness.errors import HarnessError
 from harness.plugins import Registry
+from harness.verdicts import GLITCH
 
 
 @dataclass
@@ -57,13 +58,13 @@ def load_truth(spec: str, reg: Registry) -> list[tuple[int | None, str | None]]:
     """``spec`` is a probe set with a known-token list, or a file of token ids or strings,
     one a line (a line in double quotes is read as a JSON string, for leading spaces)."""
     if spec in reg.probes:
-        known = reg.probes[spec][0].known_tokens
+        known = reg.probes[spec].probe_set.known_tokens
         if not known:
             raise HarnessError(f"probe set {spec!r} has no list of known tokens")
         return [(i, s) for i, s in known]
     path = Path(spec)
     if not path.is_file():
-        with_lists = sorted(n for n, (p, _) in reg.probes.items() if p.known_tokens)
+        with_lists = sorted(n for n, p in reg.probes.items() if p.probe_set.known_tokens)
         raise HarnessError(f"--truth {spec!r} is neither a file nor a probe set with known "
                            f"tokens ({', '.join(with_lists) or 'none registered'})")
     items: list[tuple[int | None, str | None]] = []
@@ -107,7 +108,7 @@ def find_model(engine: Engine, model: str) -> tuple[int, str]:
 
 
 def evaluate(engine: Engine, model: str, truth: list[tuple[int | None, str | None]],
-             positive: tuple[str, ...] = ("glitch",)) -> Evaluation:
+             positive: tuple[str, ...] = (GLITCH,)) -> Evaluation:
     """Score ``model``'s latest final verdicts (``positive`` ones count as called glitchy)
     against the ``truth`` tokens."""
     model_id, name = find_model(engine, model)

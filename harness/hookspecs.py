@@ -14,11 +14,13 @@ hookimpl = pluggy.HookimplMarker("harness")
 
 @hookspec
 def register_backends(register):
-    """Register model backends: ``register(name, factory)``.
+    """Register model backends: ``register(name, factory, default=False)``.
 
     ``factory(target: str, **options) -> harness.backend.Backend`` loads the model that
     ``target`` names (a hub id, a path, ``model@url``...). ``name`` is the prefix of a model
-    reference: ``hf:gpt2`` uses the backend registered as ``hf``.
+    reference: ``hf:gpt2`` uses the backend registered as ``hf``. One backend registers with
+    ``default=True``: it loads the models given without a backend (a path, an alias without a
+    preference); the built-in ``hf`` does.
     """
 
 

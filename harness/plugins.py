@@ -15,6 +15,7 @@ import pluggy
 
 from harness import hookspecs
 from harness.errors import HarnessError
+from harness.options import BackendOption
 
 ENTRY_POINT_GROUP = "harness"
 
@@ -76,13 +77,41 @@ def _collect(hook_name: str, make_register: Callable[[str], Callable[..., None]]
 
 @dataclass(frozen=True)
 class BackendEntry:
+    """A registered backend: its name, the factory that loads a model with it, the package
+    it came from, and whether it loads models given without a backend (the default)."""
+
     name: str
     factory: Callable[..., Any]
+    source: str
+    default: bool = False
+
+    @property
+    def options(self) -> tuple[BackendOption, ...]:
+        """The options the backend declares (its factory's ``load_options``)."""
+        return tuple(getattr(self.factory, "load_options", ()))
+
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    """A registered detector class and the package it came from."""
+
+    cls: type
+    source: str
+
+
+@dataclass(frozen=True)
+class ProbeEntry:
+    """A registered probe set and the package it came from."""
+
+    probe_set: Any
     source: str
 
 
 @dataclass(frozen=True)
 class ModelAlias:
+    """A model alias: the target it resolves to (a callable is called when the alias is
+    used), the backend it prefers, and the package it came from."""
+
     alias: str
     target: str | Callable[[], str]
     backend: str | None
@@ -104,9 +133,34 @@ class Registry:
     """Everything the plugins registered, with the package each came from."""
 
     backends: dict[str, BackendEntry] = field(default_factory=dict)
-    detectors: dict[str, tuple[type, str]] = field(default_factory=dict)
-    probes: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    detectors: dict[str, DetectorEntry] = field(default_factory=dict)
+    probes: dict[str, ProbeEntry] = field(default_factory=dict)
     models: dict[str, ModelAlias] = field(default_factory=dict)
+
+    def default_backend(self) -> str:
+        """The backend that loads a model given without one (a path, an alias without a
+        preference): the one registered with ``default=True``."""
+        defaults = [b.name for b in self.backends.values() if b.default]
+        if not defaults:
+            raise HarnessError("no backend is registered as the default: name one with "
+                               f"--backend (known: {', '.join(sorted(self.backends))})")
+        return defaults[0]
+
+    def default_detectors(self) -> list[str]:
+        """The detectors a scan runs when none are named (those that declare ``default``):
+        static ones first, then screens, then the other behavioural ones, each by name."""
+        return sorted((n for n, d in self.detectors.items() if d.cls.default),
+                      key=lambda n: (self.detectors[n].cls.behavioural,
+                                     not self.detectors[n].cls.screens, n))
+
+    def default_static(self) -> list[str]:
+        """The static detectors among the defaults."""
+        return [n for n in self.default_detectors() if not self.detectors[n].cls.behavioural]
+
+    def default_screen(self) -> str | None:
+        """The first screening detector among the defaults, if any."""
+        return next((n for n in self.default_detectors() if self.detectors[n].cls.screens),
+                    None)
 
 
 def registry() -> Registry:
@@ -114,11 +168,15 @@ def registry() -> Registry:
     reg = Registry()
 
     def backend_register(source: str):
-        def register(name: str, factory: Callable[..., Any]) -> None:
+        def register(name: str, factory: Callable[..., Any], default: bool = False) -> None:
             if name in reg.backends:
                 raise HarnessError(f"backend {name!r} registered twice "
                                    f"({reg.backends[name].source} and {source})")
-            reg.backends[name] = BackendEntry(name, factory, source)
+            other = next((b for b in reg.backends.values() if b.default), None)
+            if default and other is not None:
+                raise HarnessError(f"backends {other.name!r} ({other.source}) and {name!r} "
+                                   f"({source}) are both registered as the default")
+            reg.backends[name] = BackendEntry(name, factory, source, default)
         return register
 
     def detector_register(source: str):
@@ -126,12 +184,12 @@ def registry() -> Registry:
             name = detector_class.name
             if name in reg.detectors:
                 raise HarnessError(f"detector {name!r} registered twice")
-            reg.detectors[name] = (detector_class, source)
+            reg.detectors[name] = DetectorEntry(detector_class, source)
         return register
 
     def probe_register(source: str):
         def register(probe_set: Any) -> None:
-            reg.probes[probe_set.name] = (probe_set, source)
+            reg.probes[probe_set.name] = ProbeEntry(probe_set, source)
         return register
 
     def model_register(source: str):

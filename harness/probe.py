@@ -84,7 +84,7 @@ def find_probe_set(name: str) -> ProbeSet:
     probes = registry().probes
     if name not in probes:
         raise HarnessError(f"unknown probe set {name!r} (known: {', '.join(sorted(probes))})")
-    return probes[name][0]
+    return probes[name].probe_set
 
 
 def plan_prompt(template: str, label: str, encode: Callable[[str], list[int]],

@@ -9,9 +9,6 @@ from pathlib import Path
 from harness.errors import UnknownModelError
 from harness.plugins import Registry
 
-# The backend a bare path or an alias without a preference loads with.
-DEFAULT_BACKEND = "hf"
-
 
 @dataclass(frozen=True)
 class ResolvedRef:
@@ -35,7 +32,8 @@ def resolve(ref: str, registry: Registry, backend: str | None = None) -> Resolve
     if ref in registry.models:
         entry = registry.models[ref]
         target = entry.resolve_target()
-        return ResolvedRef(backend or entry.backend or DEFAULT_BACKEND, target, alias=ref)
+        return ResolvedRef(backend or entry.backend or registry.default_backend(), target,
+                           alias=ref)
     m = re.match(r"^([A-Za-z][\w.-]*):(.+)$", ref)
     if m and m.group(1) in registry.backends:
         if backend is not None and backend != m.group(1):
@@ -43,10 +41,9 @@ def resolve(ref: str, registry: Registry, backend: str | None = None) -> Resolve
                                     f"but --backend says {backend!r}")
         return ResolvedRef(m.group(1), m.group(2))
     path = Path(ref).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return ResolvedRef(backend or DEFAULT_BACKEND, str(path.resolve()))
-    if path.is_dir() and (path / "config.json").is_file():
-        return ResolvedRef(backend or DEFAULT_BACKEND, str(path.resolve()))
+    if path.is_file() and path.suffix.lower() == ".gguf" or \
+            path.is_dir() and (path / "config.json").is_file():
+        return ResolvedRef(backend or registry.default_backend(), str(path.resolve()))
     if path.suffix.lower() == ".gguf" or "/" in ref and path.parent.exists() and ref.startswith(
             (".", "/", "~")):
         raise UnknownModelError(f"no model file or folder at {ref}")

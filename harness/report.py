@@ -27,8 +27,8 @@ from harness.cli import DbOption
 from harness.db import open_db
 from harness.errors import HarnessError
 from harness.evaluate import find_model
-from harness.runner import DEFAULT_STATIC, FLAGGED, VERDICT
 from harness.store import StoredModel
+from harness.verdicts import FINAL, FLAGGED, VERDICTS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -36,10 +36,9 @@ if TYPE_CHECKING:
 
 TABLE_CAP = 200  # rows of the glitch-token table per model
 EXAMPLES = 8  # shared glitch tokens named per pair of models
-VERDICT_ORDER = ("glitch", "suspect", "error", "ok", "skipped")
+
 COLOURS = {"glitch": "#c0392b", "suspect": "#e67e22", "error": "#8e44ad", "ok": "#95a5a6",
            "all": "#7f8c8d", "flagged": "#c0392b"}
-DEFAULT_VERIFIER = "repeat-probe"
 
 
 @dataclass
@@ -135,18 +134,13 @@ def _as_datetime(value: Any) -> datetime | None:
 
 
 def _detector_kinds(names: list[str]) -> tuple[list[str], list[str]]:
-    """(static detectors, verifying detectors) among ``names``, by their registered classes;
-    a detector whose plugin is gone counts as static when it is one of the default ones."""
+    """(static detectors, verifying detectors) among ``names``, by their registered classes
+    (a detector whose plugin is gone is neither)."""
     from harness.plugins import registry
 
     known = registry().detectors
-    static, verifying = [], []
-    for n in names:
-        cls = known[n][0] if n in known else None
-        if (cls is None and n in DEFAULT_STATIC) or (cls is not None and not cls.behavioural):
-            static.append(n)
-        if (cls is None and n == DEFAULT_VERIFIER) or (cls is not None and cls.verifies):
-            verifying.append(n)
+    static = [n for n in names if n in known and not known[n].cls.behavioural]
+    verifying = [n for n in names if n in known and known[n].cls.verifies]
     return static, verifying
 
 
@@ -175,7 +169,7 @@ def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
             raise HarnessError(f"{name!r} has no finished detector run in this database: "
                                f"run `harness scan {model}` first")
         runs = {r.detector: _load_run(conn, r) for r in latest}
-    final = runs.pop(VERDICT, None)
+    final = runs.pop(FINAL, None)
     static, verifying = _detector_kinds(list(runs))
     report = ModelReport(
         model=replace(m, created_utc=_as_datetime(m.created_utc)), label=name, runs=runs,
@@ -189,7 +183,7 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
     evidence_runs: list[int] = []
     if rep.final is not None:
         used = rep.final.options.get("runs", {})  # the runs this verdict was drawn from
-        for n in verifying or [DEFAULT_VERIFIER]:
+        for n in verifying:
             if n in used or n in rep.runs:
                 rep.verifier = n
                 ids = used.get(n) or [rep.runs[n].run_id]
@@ -445,7 +439,7 @@ def _header(rep: ModelReport) -> str:
     final = rep.final_counts()
     if rep.final is not None:
         summary = ", ".join(f'<span class="v-{v}">{final.get(v, 0):,} {v}</span>'
-                            for v in VERDICT_ORDER if final.get(v) or v in ("glitch", "suspect"))
+                            for v in VERDICTS if final.get(v) or v in ("glitch", "suspect"))
         final_cell = f"{summary} <span class='meta'>(verdict run {rep.final.run_id})</span>"
     else:
         final_cell = ("none stored: the scans ran no behavioural detector (run "
@@ -462,12 +456,12 @@ def _header(rep: ModelReport) -> str:
     det_rows = []
     for run in rep.runs.values():
         c = run.counts()
-        cells = "".join(f'<td class="num">{c.get(v, 0):,}</td>' for v in VERDICT_ORDER)
+        cells = "".join(f'<td class="num">{c.get(v, 0):,}</td>' for v in VERDICTS)
         wall = f"{run.wall_s:.1f} s" if run.wall_s is not None else "–"
         det_rows.append(f"<tr><td><b>{esc(run.name)}</b></td><td class='num'>{run.run_id}</td>"
                         f"<td class='num'>{run.token_ids.size:,}</td>{cells}"
                         f"<td>{_when(run.finished_utc)}</td><td class='num'>{wall}</td></tr>")
-    head = "".join(f"<th>{v}</th>" for v in VERDICT_ORDER)
+    head = "".join(f"<th>{v}</th>" for v in VERDICTS)
     return (f'<table class="kv">{kv}</table>'
             "<h3>Verdicts of each detector (latest runs)</h3>"
             f"<table><tr><th>detector</th><th>run</th><th>tokens</th>{head}"
@@ -512,7 +506,7 @@ def _scatters(rep: ModelReport) -> str:
         figs.append(_figure_html(
             src, f"{name} against repeat probability",
             f"<b>{esc(name)}</b> score against the repeat probability from "
-            f"{esc(rep.verifier or DEFAULT_VERIFIER)} (log scale), for the {n['both']:,} "
+            f"{esc(rep.verifier or 'the verifier')} (log scale), for the {n['both']:,} "
             f"tokens that have both (of {rep.model.vocab_size:,}; only the probed candidates "
             f"have a repeat probability): {n.get('glitch', 0):,} verified glitch tokens as red "
             f"crosses, {n.get('suspect', 0):,} suspect as orange triangles, "
@@ -569,7 +563,7 @@ def _token_table(rep: ModelReport) -> str:
         more = (f"<p class='note'>… and {rep.rows_total - len(rep.rows):,} more, not shown: "
                 f"<code>harness sql \"SELECT * FROM {view} WHERE model_id = "
                 f"{rep.model_id}\"</code> lists them all.</p>")
-    evidence = esc(rep.verifier or DEFAULT_VERIFIER)
+    evidence = esc(rep.verifier or 'the verifier')
     return (f"<p>{intro}</p><table class='tokens' data-model-id='{rep.model_id}' "
             f"data-kind='{rep.rows_kind}'><thead><tr><th>id</th><th>token</th>"
             "<th>category</th><th>verdict</th><th>repeat prob.</th><th>flagged by</th>"

@@ -21,19 +21,15 @@ from harness import __version__, store
 from harness.backend import Backend
 from harness.detector import Detector, Finding, FindingArrays, ScanContext
 from harness.errors import HarnessError
+from harness.options import resolve_backend_options
 from harness.plugins import Registry, registry
 from harness.refs import ResolvedRef, resolve
 from harness.shared_runs import LEASE_S, RunFailed, cut_blocks, is_dead, work_blocks, worker_id
+from harness.verdicts import ERROR, FINAL, FLAGGED, GLITCH, OK, SUSPECT
 from harness.vocab import Vocab, analyze
 
-DEFAULT_DETECTORS = ("embedding-centroid", "unembedding-cosine", "repeat-screen",
-                     "repeat-probe")
-DEFAULT_STATIC = ("embedding-centroid", "unembedding-cosine")
-DEFAULT_SCREEN = "repeat-screen"
 DEFAULT_CANDIDATES = 0.02  # budget mode: per static indicator, a fraction of the vocabulary
-VERDICT = store.VERDICT  # the pseudo-detector whose run holds the final verdict of every token
-VERDICT_VERSION = "2"
-FLAGGED = store.FLAGGED
+VERDICT_VERSION = "2"  # of the final verdict's rule
 FINISHED = ("done", "reused", "resumed", "joined", "retried")  # outcomes with a finished run
 BUDGET_HINT_S = 15 * 60  # past this estimate, a scan points at the budget mode
 
@@ -75,9 +71,11 @@ class ScanResult:
 
 
 def load_backend(ref: ResolvedRef, reg: Registry, **backend_options: Any) -> Backend:
+    """Load ``ref`` with its backend and the options given (None: not given), each checked
+    against the options the backend declares and coerced to its type."""
     entry = reg.backends[ref.backend]
-    options = {k: v for k, v in backend_options.items() if v is not None}
-    return entry.factory(ref.target, **options)
+    return entry.factory(ref.target, **resolve_backend_options(entry.name, entry.options,
+                                                               backend_options))
 
 
 def make_detectors(names: Sequence[str], reg: Registry,
@@ -91,7 +89,7 @@ def make_detectors(names: Sequence[str], reg: Registry,
     if stray:
         raise HarnessError(f"options given for detector(s) not in this scan: "
                            f"{', '.join(sorted(stray))}")
-    return [reg.detectors[n][0](**options.get(n, {})) for n in names]
+    return [reg.detectors[n].cls(**options.get(n, {})) for n in names]
 
 
 def options_key(options: dict[str, Any]) -> str:
@@ -274,7 +272,7 @@ def select_candidates(engine: Engine, run_ids: Sequence[int], n_vocab: int,
 def flagged_tokens(engine: Engine, run_ids: Sequence[int]) -> np.ndarray:
     """The tokens any of ``run_ids`` flagged (``glitch``, ``suspect``) or failed on."""
     with engine.connect() as conn:
-        return store.token_ids_with_verdict(conn, run_ids, (*FLAGGED, "error"))
+        return store.token_ids_with_verdict(conn, run_ids, (*FLAGGED, ERROR))
 
 
 def latest_findings(conn: Any, run_ids: Sequence[int], size: int
@@ -302,14 +300,14 @@ class FinalVerdict(Detector):
     where it examined the token.
     """
 
-    name = VERDICT
+    name = FINAL
     version = VERDICT_VERSION
 
     def __init__(self, engine: Engine, runs: dict[str, list[int]],
                  finished: dict[int, str], reg: Registry) -> None:
         super().__init__()
         self.engine, self.runs, self.finished = engine, runs, finished
-        self.kinds = {name: reg.detectors[name][0] if name in reg.detectors else None
+        self.kinds = {name: reg.detectors[name].cls if name in reg.detectors else None
                       for name in runs}
 
     def prepare(self, ctx: ScanContext) -> dict[str, Any]:
@@ -335,14 +333,14 @@ class FinalVerdict(Detector):
                 for t in np.flatnonzero(hit).tolist():
                     flagged_by.setdefault(t, []).append(name)
                 if cls is not None and cls.screens:
-                    screen_error |= verd == "error"
+                    screen_error |= verd == ERROR
                 elif cls is not None and cls.behavioural and not cls.verifies:
                     behaviour_flag |= hit
-        verdict = np.full(n_vocab, "ok", dtype=object)
-        verdict[flagged] = "suspect"
-        verdict[(verified == "ok") & ~behaviour_flag] = "ok"
-        verdict[(verified == "error") | ((verified == "") & screen_error)] = "error"
-        verdict[verified == "glitch"] = "glitch"
+        verdict = np.full(n_vocab, OK, dtype=object)
+        verdict[flagged] = SUSPECT
+        verdict[(verified == OK) & ~behaviour_flag] = OK
+        verdict[(verified == ERROR) | ((verified == "") & screen_error)] = ERROR
+        verdict[verified == GLITCH] = GLITCH
         yield [Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by.get(t, [])})
                for t in token_ids.tolist()]
 
@@ -358,7 +356,7 @@ def record_verdicts(engine: Engine, ctx: ScanContext, model_id: int, reg: Regist
     runs: dict[str, list[int]] = {}
     for run_id, name, _ in done:
         runs.setdefault(name, []).append(run_id)
-    if not any(name in reg.detectors and reg.detectors[name][0].behavioural for name in runs):
+    if not any(name in reg.detectors and reg.detectors[name].cls.behavioural for name in runs):
         return None
     finished = {run_id: str(at) for run_id, _, at in done}
     ctx = ScanContext(backend=ctx.backend, vocab=ctx.vocab, categories=ctx.categories)
@@ -366,7 +364,7 @@ def record_verdicts(engine: Engine, ctx: ScanContext, model_id: int, reg: Regist
                         reporter, fresh)
 
 
-def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTORS,
+def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
          backend: str | None = None, backend_options: dict[str, Any] | None = None,
          detector_options: dict[str, dict[str, Any]] | None = None, fresh: bool = False,
          reporter: Reporter | None = None, full: bool = False,
@@ -389,15 +387,16 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] = DEFAULT_DETECTOR
     if candidates is not None and candidates <= 0:
         raise HarnessError("--candidates must be positive")
     reg = registry()
-    names = list(detectors)
+    names = list(detectors) if detectors else reg.default_detectors()
     dets = make_detectors(names, reg, detector_options or {})
     verifying = any(d.behavioural and not d.screens for d in dets)
     if verifying and not full and tokens is None:
         # whole-vocabulary pipeline: a screen and the static flags pick what to verify;
         # budget mode: the static scores pick it
-        extra = [n for n in DEFAULT_STATIC if n not in names]
-        if candidates is None and not any(d.screens for d in dets):
-            extra.append(DEFAULT_SCREEN)
+        extra = [n for n in reg.default_static() if n not in names]
+        screen = reg.default_screen()
+        if candidates is None and not any(d.screens for d in dets) and screen is not None:
+            extra.append(screen)
         dets = make_detectors(extra, reg, {}) + dets
     ref = resolve(model, reg, backend)
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from harness.schema import FindingRow, Model, Run, RunBlock, Token
+from harness.verdicts import FINAL, FLAGGED, GLITCH
 
 MODELS = Model.__table__
 TOKENS = Token.__table__
@@ -28,8 +29,6 @@ RUNS = Run.__table__
 FINDINGS = FindingRow.__table__
 BLOCKS = RunBlock.__table__
 
-VERDICT = "verdict"  # the pseudo-detector whose runs hold the final verdicts
-FLAGGED = ("glitch", "suspect")
 INSERT_BATCH = 20_000  # rows per executemany: bounds the memory of one call
 RUNS_LOCK = 0x6C17C5  # PostgreSQL advisory lock class of finding-or-creating a model's runs
 NUL_STANDIN = "\u2400"  # ␀: PostgreSQL text cannot hold U+0000 (raw bytes keep the truth)
@@ -294,7 +293,7 @@ def done_runs(conn: Connection, model_id: int) -> list[tuple[int, str, datetime]
     (the final verdict's own runs excluded)."""
     return [(int(i), d, f) for i, d, f in conn.execute(
         select(RUNS.c.id, RUNS.c.detector, RUNS.c.finished_utc).where(
-            RUNS.c.model_id == model_id, RUNS.c.status == "done", RUNS.c.detector != VERDICT)
+            RUNS.c.model_id == model_id, RUNS.c.status == "done", RUNS.c.detector != FINAL)
         .order_by(RUNS.c.id))]
 
 
@@ -314,7 +313,7 @@ def latest_done_runs(conn: Connection, model_id: int) -> list[StoredRun]:
 def latest_verdict_run(conn: Connection, model_id: int) -> int | None:
     """The id of the model's latest finished final-verdict run, or None."""
     run_id = conn.execute(select(func.max(RUNS.c.id)).where(
-        RUNS.c.model_id == model_id, RUNS.c.detector == VERDICT, RUNS.c.status == "done")
+        RUNS.c.model_id == model_id, RUNS.c.detector == FINAL, RUNS.c.status == "done")
     ).scalar()
     return None if run_id is None else int(run_id)
 
@@ -416,7 +415,7 @@ def glitch_tokens(conn: Connection, model_id: int, run_id: int) -> list[tuple[in
         select(FINDINGS.c.token_id, TOKENS.c.raw, TOKENS.c.text)
         .join(TOKENS, and_(TOKENS.c.model_id == model_id,
                            TOKENS.c.token_id == FINDINGS.c.token_id))
-        .where(FINDINGS.c.run_id == run_id, FINDINGS.c.verdict == "glitch")
+        .where(FINDINGS.c.run_id == run_id, FINDINGS.c.verdict == GLITCH)
         .order_by(FINDINGS.c.token_id))
     return [(int(t), bytes(r), x) for t, r, x in rows]
 

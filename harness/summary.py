@@ -8,6 +8,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from harness import store
+from harness.verdicts import FLAGGED, SEVERITY
 
 
 @dataclass
@@ -20,9 +21,6 @@ class RankedToken:
     scores: dict[str, float | None]
     verdicts: dict[str, str]
     final: str | None = None  # the scan's final verdict, where one is stored
-
-
-SEVERITY = {"glitch": 3, "suspect": 2, "error": 1}
 
 
 def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25,
@@ -45,7 +43,7 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
             rank = np.empty(size)
             rank[np.argsort(key, kind="stable")] = np.arange(size)
             suspicion += 1.0 - rank / max(size - 1, 1)
-            flagged += np.isin(v, ("glitch", "suspect"))
+            flagged += np.isin(v, FLAGGED)
             scores[det], verdicts[det] = s, v
         final = np.full(size, "", dtype=object)
         if final_run is not None:

@@ -263,3 +263,34 @@ def test_npz_backend_errors_are_one_line(cli, example_module, tmp_path):
     assert backend.decode([10, 11]) == "------------."
     assert backend.fingerprint() == example_module.NpzBackend(str(good)).fingerprint()
     assert np.array_equal(backend.output_embeddings(), backend.input_embeddings() * 0.5)
+
+
+def test_npz_backend_declares_an_option_that_scan_accepts(cli, example_module, tmp_path):
+    """The example backend's one declared option: listed by `harness plugins`, given with
+    -b; an option it does not declare is one line naming the ones it has."""
+    model = write_model(tmp_path / "model.npz")
+    with np.load(model) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["wte"] = arrays.pop("embeddings")
+    renamed = tmp_path / "renamed.npz"
+    np.savez(renamed, **arrays)
+
+    code, out, _ = cli("plugins", "--json")
+    npz = next(b for b in json.loads(out)["backends"] if b["name"] == "npz")
+    assert [(o["name"], o["type"], o["default"]) for o in npz["options"]] == \
+        [("embeddings_key", "str", "embeddings")]
+
+    code, _, err = cli("scan", f"npz:{renamed}", "-d", "embedding-centroid")
+    assert code == 2 and "lacks 'embeddings'" in err
+    code, out, err = cli("scan", f"npz:{renamed}", "-d", "embedding-centroid",
+                         "-b", "embeddings_key=wte")
+    assert code == 0, err
+    code, plain, err = cli("scan", f"npz:{model}", "-d", "embedding-centroid")
+    assert code == 0, err
+    counts = [line for line in out.splitlines() if "embedding-centroid:" in line]
+    assert counts and counts[0].split("(")[0] == \
+        [line for line in plain.splitlines() if "embedding-centroid:" in line][0].split("(")[0]
+
+    code, _, err = cli("scan", f"npz:{model}", "-d", "embedding-centroid", "-b", "threads=2")
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "backend 'npz' has no option threads (its options: embeddings_key" in err

@@ -201,7 +201,7 @@ def test_bf16_model_projects_in_float32(tiny_model_dir):
 def test_load_failures_on_the_device_are_one_line(cli, tiny_model_dir, monkeypatch):
     import torch
 
-    code, _, err = cli("scan", str(tiny_model_dir), "--device", "cuda")
+    code, _, err = cli("scan", str(tiny_model_dir), "-b", "device=cuda")
     if not torch.cuda.is_available():
         assert code == 2 and "no CUDA GPU" in err and err.strip().count("\n") == 0, err
 

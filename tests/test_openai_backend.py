@@ -205,7 +205,7 @@ def test_a_tokenizer_the_server_does_not_use_is_one_line(llama_server, tiny_mode
 
 def test_scan_through_the_server(cli, llama_server, harness_home):
     code, out, err = cli(
-        "scan", f"openai:smollm2@{llama_server}", "--tokenizer", "smollm2", "--concurrency", "2",
+        "scan", f"openai:smollm2@{llama_server}", "-b", "tokenizer=smollm2", "-b", "concurrency=2",
         "--tokens", ",".join(map(str, TOKENS)),
         "-d", "repeat-probe,repeated-sequence,determinism",
         "-o", "repeat-probe.probes=quick-copy",
@@ -348,14 +348,14 @@ def test_requests_run_concurrently_and_answers_keep_their_order(llama_server):
     ("http://no-such-host.invalid/v1", "cannot reach the API server at http://no-such-host"),
 ])
 def test_unreachable_server_is_one_line(cli, url, message):
-    code, _, err = cli("scan", f"openai:x@{url}", "--tokenizer", "smollm2", "--tokens", "1")
+    code, _, err = cli("scan", f"openai:x@{url}", "-b", "tokenizer=smollm2", "--tokens", "1")
     assert code == 2, err
     assert message in err and err.strip().count("\n") == 0, err
 
 
 def test_keys_are_checked_and_never_stored(cli, bos_server, harness_home, monkeypatch):
     ref = f"openai:smollm2@{bos_server.url}"
-    args = ("--tokenizer", "smollm2", "--tokens", "260,5", "-d", "repeat-probe",
+    args = ("-b", "tokenizer=smollm2", "--tokens", "260,5", "-d", "repeat-probe",
             "-o", "repeat-probe.probes=quick-copy")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     code, _, err = cli("scan", ref, *args)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from harness.db import open_db
-from harness.runner import DEFAULT_STATIC, scan
+from harness.runner import scan
 
 pytestmark = pytest.mark.real_model
 
@@ -101,7 +101,7 @@ def gemma_db(tmp_path_factory):
     ref = resolve("gemma3-270m", registry())
     assert ref.target.endswith("gemma-3-270m-q4_k_m.gguf")
     unused = [6 + i for i in range(100)]  # <unused0> .. <unused99>
-    result = scan("gemma3-270m", engine, list(DEFAULT_STATIC), detector_options={
+    result = scan("gemma3-270m", engine, registry().default_static(), detector_options={
         "unembedding-cosine": {"reference": ",".join(map(str, unused))}})
     assert [o.status for o in result.outcomes] == ["done", "done"]
     return db

@@ -169,6 +169,9 @@ def test_bad_input_is_one_line_exit_2(cli, args, message):
     (("scan", "smollm2", "--top", "abc"), "Usage: harness scan [OPTIONS]",
      "Invalid value for '--top'"),
     (("db", "nope"), "Usage: harness db [OPTIONS] COMMAND", "No such command 'nope'"),
+    # a backend's option given as a flag of its own: the hint names the backend and the form
+    (("scan", "smollm2", "--threads", "4"), "Usage: harness scan [OPTIONS]",
+     "--threads is an option of backend llamacpp: write -b threads=VALUE"),
 ])
 def test_command_line_mistakes_give_the_usage_line_and_the_reason(cli, args, usage, message):
     """An unknown command or option, a missing argument, a value of the wrong type: the

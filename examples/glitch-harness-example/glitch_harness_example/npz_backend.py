@@ -12,7 +12,9 @@
 - ``special`` (optional): one bool per entry of ``tokens``, true for special tokens.
 
 It can read weights but not run the model: capabilities ``vocab`` and ``embeddings``, enough
-for the static detectors. The fingerprint is the sha256 of the file.
+for the static detectors. The fingerprint is the sha256 of the file. Its one option,
+``-b embeddings_key=NAME``, reads the input embeddings from another array of the archive
+(exports that keep a framework's names, such as ``wte``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from harness.backend import Backend, Capability, Fingerprint
-from harness.errors import HarnessError, ModelLoadError
+from harness.errors import ModelLoadError
+from harness.options import BackendOption
 from harness.vocab import Vocab
 
 
@@ -73,20 +76,20 @@ class NpzBackend(Backend):
 
     name = "npz"
     capabilities = frozenset({Capability.VOCAB, Capability.EMBEDDINGS})
+    load_options = (BackendOption("embeddings_key", str, "embeddings",
+                                  "the archive's array that holds the input embeddings"),)
 
-    def __init__(self, target: str, **options: Any) -> None:
-        super().__init__(target, **options)
-        if options:
-            raise HarnessError(f"the npz backend takes no options (got {', '.join(options)})")
+    def __init__(self, target: str, embeddings_key: str = "embeddings") -> None:
+        super().__init__(target, embeddings_key=embeddings_key)
         self.path = Path(target).expanduser()
         if not self.path.is_file():
             raise ModelLoadError(f"npz: no such file: {target}")
         arrays = _load_arrays(self.path, target)
-        missing = [k for k in ("embeddings", "tokens") if k not in arrays]
+        missing = [k for k in (embeddings_key, "tokens") if k not in arrays]
         if missing:
             raise ModelLoadError(f"npz: {target} lacks {' and '.join(map(repr, missing))} "
                                  f"(arrays: {', '.join(sorted(arrays)) or 'none'})")
-        self._emb = _matrix(arrays, "embeddings", target)
+        self._emb = _matrix(arrays, embeddings_key, target)
         self._unemb = _matrix(arrays, "unembeddings", target) if "unembeddings" in arrays \
             else None
         if self._unemb is not None and self._unemb.shape != self._emb.shape:
