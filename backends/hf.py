@@ -35,7 +35,7 @@ from harness.backend import (
     ScoreRequest,
     ScoreResult,
 )
-from harness.errors import HarnessError, ModelLoadError
+from harness.errors import HarnessError, ModelLoadError, first_line
 from harness.hookspecs import hookimpl
 from harness.options import BackendOption
 from harness.vocab import Vocab
@@ -54,11 +54,6 @@ _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @hookimpl
 def register_backends(register):
     register("hf", HFBackend, default=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -149,7 +144,7 @@ class HFBackend(Backend):
                 self.model = AutoModelForCausalLM.from_pretrained(
                     where, dtype=getattr(self.torch, self.dtype_name), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-            raise ModelLoadError(f"cannot load {what}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"cannot load {what}: {first_line(exc)}") from None
         try:
             self.model.to(self.device)
         except (self.torch.cuda.OutOfMemoryError, RuntimeError) as exc:
@@ -157,7 +152,7 @@ class HFBackend(Backend):
             self.model = None
             raise ModelLoadError(f"cannot put {what} ({gb:.1f} GiB of weights in "
                                  f"{self.dtype_name}) on {self.device}: "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc)}") from None
         self.model.eval()
 
     def _load_gguf(self, path: Path) -> None:
@@ -182,7 +177,7 @@ class HFBackend(Backend):
                 model = AutoModelForCausalLM.from_pretrained(
                     str(path.parent), gguf_file=path.name, dtype=self.torch.float32)
         except Exception as exc:  # transformers raises many types on unsupported GGUF files
-            raise ModelLoadError(f"transformers cannot load {path}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"transformers cannot load {path}: {first_line(exc)}") from None
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
         try:
@@ -441,7 +436,7 @@ class HFBackend(Backend):
                 self._split_on_oom(run, chunk)
             except Exception as exc:
                 for i in chunk:
-                    fail(i, f"{type(exc).__name__}: {_first_line(exc)}")
+                    fail(i, f"{type(exc).__name__}: {first_line(exc)}")
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         results = [ScoreResult() for _ in requests]
@@ -634,7 +629,7 @@ class HFBackend(Backend):
                                           max_new_tokens=max_new, do_sample=False,
                                           pad_token_id=pad)
         except Exception as exc:
-            return [GenerateResult(error=f"{type(exc).__name__}: {_first_line(exc)}")
+            return [GenerateResult(error=f"{type(exc).__name__}: {first_line(exc)}")
                     for _ in requests]
         eos = self.tokenizer.eos_token_id
         results = []

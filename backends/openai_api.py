@@ -41,7 +41,7 @@ from harness.backend import (
     ScoreRequest,
     ScoreResult,
 )
-from harness.errors import HarnessError, ModelLoadError
+from harness.errors import HarnessError, ModelLoadError, first_line
 from harness.hookspecs import hookimpl
 from harness.vocab import Vocab
 
@@ -51,6 +51,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 KEY_ENV = "OPENAI_API_KEY"
 KEY_ENV_OVERRIDE = "HARNESS_OPENAI_KEY_ENV"  # names the variable that holds the key
 NO_KEY = "sk-no-key"  # sent to servers that need no key (the client insists on one)
+MESSAGE_CHARS = 200  # an error message quoted from a server or library is cut here
 TOP_LOGPROBS = (20, 5)  # asked for in turn; OpenAI's completions allow at most 5
 FORCE_BIAS = 100  # the largest logit bias OpenAI accepts; enough to make any token greedy
 SCORE_MODES = ("auto", "echo", "forced", "top_logprobs", "none")
@@ -642,7 +643,7 @@ class OpenAIBackend(Backend):
             return f"timeout after {self.timeout:g} s" + (f" ({retries})" if n else "")
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc.__context__
-            detail = _first_line(cause) if cause is not None else _first_line(exc)
+            detail = first_line(cause if cause is not None else exc, MESSAGE_CHARS)
             return f"connection failed{tries}: {detail}"
         if isinstance(exc, openai.APIStatusError):
             code = exc.status_code
@@ -652,7 +653,7 @@ class OpenAIBackend(Backend):
             message = _server_message(exc)
             return (f"HTTP {code}{tries if retried else ''}"
                     + (f": {message}" if message else ""))
-        return _first_line(exc)
+        return first_line(exc, MESSAGE_CHARS)
 
     def _redact(self, text: str) -> str:
         if self._key and self._key != NO_KEY and len(self._key) >= 4:
@@ -983,7 +984,7 @@ class HFTokenizer:
                     self.tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load a tokenizer from {path}: "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc, MESSAGE_CHARS)}") from None
         self._vocab: Vocab | None = None
 
     def vocab(self) -> Vocab:
@@ -1141,12 +1142,6 @@ def _close(a: float | None, b: float) -> bool:
     return a is not None and abs(a - b) <= LOGPROB_TOLERANCE + 0.05 * abs(b)
 
 
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:200]
-
-
 def _server_message(exc: Any) -> str:
     """The message of an API error body (``{"error": {"message": ..}}`` or ``{"detail"}``)."""
     body = getattr(exc, "body", None)
@@ -1154,5 +1149,5 @@ def _server_message(exc: Any) -> str:
         inner = body.get("error", body)
         message = inner.get("message") if isinstance(inner, dict) else inner
         message = message or body.get("detail") or ""
-        return _first_line(str(message)) if message else ""
-    return _first_line(str(body)) if body else ""
+        return first_line(str(message), MESSAGE_CHARS) if message else ""
+    return first_line(str(body), MESSAGE_CHARS) if body else ""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any
 
 import click
@@ -25,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
 from harness import __version__, paths
 from harness.db import open_db
@@ -32,9 +34,11 @@ from harness.errors import HarnessError
 from harness.options import parse_assignments
 from harness.plugins import get_plugin_manager, registry
 from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
+from harness.report import build_report
 from harness.runner import DEFAULT_CANDIDATES, FINISHED, Reporter, scan
 from harness.summary import top_tokens, verdict_counts
 from harness.verdicts import ERROR, FINAL, FLAGGED, GLITCH, SKIPPED, SUSPECT, VERDICTS
+from harness.vocab import token_repr
 
 out = Console()
 err = Console(stderr=True)
@@ -109,8 +113,9 @@ def _detector_names(detectors: str | None) -> list[str]:
     return names
 
 
-def show_token(text: str) -> str:
-    return escape(repr(text))
+def token_markup(text: str) -> str:
+    """``token_repr`` of a token's text, escaped for rich markup."""
+    return escape(token_repr(text))
 
 
 def cmd_scan(
@@ -199,7 +204,7 @@ def cmd_scan(
                 mark = "[red]*[/]" if r.verdicts[det] in FLAGGED else ""
                 cells.append(("-" if s is None else f"{s:.4f}") + mark)
             verdict = [_styled(r.final or "-")] if final is not None else []
-            table.add_row(str(r.token_id), show_token(r.text), r.category, *verdict,
+            table.add_row(str(r.token_id), token_markup(r.text), r.category, *verdict,
                           f"{r.n_flagged}/{len(done)}", *cells)
         out.print(table)
         view = "glitch_tokens" if final is not None else "flagged_tokens"
@@ -247,7 +252,7 @@ def cmd_evaluate(
         for c in ("id", "token", "verdict", "repeat prob"):
             table.add_column(c)
         for t, s, v, p in ev.missed[:show]:
-            table.add_row(str(t), show_token(s), v, "-" if p is None else f"{p:.4f}")
+            table.add_row(str(t), token_markup(s), v, "-" if p is None else f"{p:.4f}")
         out.print(table)
 
 
@@ -427,14 +432,37 @@ def cmd_sql(
         err.print(f"[dim]{len(rows)} row{'s' if len(rows) != 1 else ''}[/]")
 
 
-def cmd_db_path(db: DbOption = None) -> None:
-    """Print where the results database is."""
-    from sqlalchemy.engine import make_url
-
+def cmd_report(
+    models: Annotated[list[str], typer.Argument(
+        help="Scanned models: aliases, references (as harness scan takes them) or "
+             "fingerprints.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    db: DbOption = None,
+) -> None:
+    """Write one self-contained HTML report (plots embedded) of the stored scans of MODELS."""
     url = _db_url(db)
     parsed = make_url(url)
-    print(parsed.database if parsed.get_backend_name() == "sqlite" else
-          parsed.render_as_string(hide_password=True))
+    if parsed.get_backend_name() == "sqlite" and parsed.database and \
+            not Path(parsed.database).exists():
+        raise HarnessError(f"no database at {parsed.database}: run `harness scan "
+                           f"{models[0]}` first")
+    if output.is_dir():
+        raise HarnessError(f"--output {output} is a folder; give a file name")
+    if not output.parent.is_dir():
+        raise HarnessError(f"cannot write {output}: no folder {output.parent}")
+    engine = open_db(url)
+    try:
+        page = build_report(engine, models)
+    finally:
+        engine.dispose()
+    output.write_text(page, encoding="utf-8")
+    print(f"wrote {output} ({len(page) / 1024:,.0f} KiB)")
+
+
+def cmd_db_path(db: DbOption = None) -> None:
+    """Print where the results database is."""
+    print(paths.display_url(_db_url(db)))
 
 
 def build_app() -> typer.Typer:
@@ -447,7 +475,6 @@ def build_app() -> typer.Typer:
     app.command("models")(cmd_models)
     app.command("plugins")(cmd_plugins)
     app.command("sql")(cmd_sql)
-    from harness.report import cmd_report
     app.command("report")(cmd_report)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)

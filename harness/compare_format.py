@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from harness.compare import Comparison
+from harness.vocab import token_repr
 
 PAIR_COLUMNS = ("detector", "model_a", "model_b", "aligned_by", "shared_tokens", "flagged_a",
                 "flagged_b", "flagged_a_shared", "flagged_b_shared", "both", "jaccard",
@@ -44,7 +45,7 @@ def _label(d: str) -> str:
 
 def _token(e: dict[str, Any]) -> str:
     ids = ", ".join(f"{m} {i}" for m, i in e["token_ids"].items())
-    return f"{e['text']!r} ({ids})"
+    return f"{token_repr(e['text'])} ({ids})"
 
 
 def _tables(c: Comparison, console: Console) -> None:
@@ -71,7 +72,7 @@ def _tables(c: Comparison, console: Console) -> None:
                       + (", ".join(escape(_token(e)) for e in shown) or "none"))
         for m, entries in c.only_in[d].items():
             console.print(f"  only in {escape(m)} ({len(entries)} shown): "
-                          + (", ".join(escape(repr(e["text"])) for e in entries) or "none"))
+                          + (", ".join(escape(token_repr(e["text"])) for e in entries) or "none"))
         console.print()
 
 
@@ -88,9 +89,9 @@ def markdown(c: Comparison) -> str:
                          f"{p['both']} | {_num(p['jaccard']) or '-'} | "
                          f"{_num(p['spearman']) or '-'} |")
         lines.append("")
-        in_all = ", ".join(f"`{e['text']!r}`" for e in c.in_all[d]) or "none"
+        in_all = ", ".join(f"`{token_repr(e['text'])}`" for e in c.in_all[d]) or "none"
         lines += [f"Flagged in every model: {in_all}", ""]
         for m, entries in c.only_in[d].items():
-            only = ", ".join(f"`{e['text']!r}`" for e in entries) or "none"
+            only = ", ".join(f"`{token_repr(e['text'])}`" for e in entries) or "none"
             lines += [f"Only in {m}: {only}", ""]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 
 import migrations
-from harness.errors import DatabaseError
+from harness.errors import DatabaseError, first_line
+from harness.paths import display_url
 
 BUSY_TIMEOUT_MS = 60_000
 SUPPORTED = ("sqlite", "postgresql")
@@ -61,7 +62,7 @@ def open_db(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() not in SUPPORTED:
         raise DatabaseError(f"glitch-harness stores results in SQLite or PostgreSQL, not "
-                            f"{parsed.get_backend_name()} ({_display(url)})")
+                            f"{parsed.get_backend_name()} ({display_url(url)})")
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database:
         path = Path(parsed.database)
@@ -72,7 +73,7 @@ def open_db(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}
                                if is_sqlite else {})
     except ImportError as exc:  # the driver is missing
-        raise DatabaseError(f"cannot open database {_display(url)}: {exc.msg}; for "
+        raise DatabaseError(f"cannot open database {display_url(url)}: {exc.msg}; for "
                             "PostgreSQL install the driver: pip install "
                             "'glitch-harness[pg]'") from None
     if is_sqlite:
@@ -82,8 +83,8 @@ def open_db(url: str) -> Engine:
         _migrate(engine)
     except sa_exc.DatabaseError as exc:
         engine.dispose()
-        raise DatabaseError(f"cannot open database {_display(url)}: "
-                            f"{_first_line(exc.orig or exc)}") from None
+        raise DatabaseError(f"cannot open database {display_url(url)}: "
+                            f"{first_line(exc.orig or exc)}") from None
     return engine
 
 
@@ -99,7 +100,7 @@ def _migrate(engine: Engine) -> None:
             script.get_revision(current)
         except Exception:
             raise DatabaseError(
-                f"the database {_display(str(engine.url))} has schema revision {current!r}, "
+                f"the database {display_url(engine.url)} has schema revision {current!r}, "
                 "written by a newer glitch-harness; upgrade glitch-harness to read it"
             ) from None
     with engine.begin() as conn:
@@ -110,14 +111,3 @@ def _migrate(engine: Engine) -> None:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
-
-
-def _display(url: str) -> str:
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return parsed.database or ":memory:"
-    return parsed.render_as_string(hide_password=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -18,3 +18,11 @@ class ModelLoadError(HarnessError):
 
 class DatabaseError(HarnessError):
     """The results database cannot be opened or queried (newer schema, corrupt file, bad SQL)."""
+
+
+def first_line(exc: BaseException | str, limit: int | None = None) -> str:
+    """The first line of an error's message (its class name when the message is empty), cut
+    to ``limit`` characters when one is given: what a one-line user error quotes."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]

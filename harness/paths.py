@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import platformdirs
+from sqlalchemy.engine import URL, make_url
 
 APP = "glitch-harness"
 
@@ -40,3 +41,12 @@ def db_url(path_or_url: str) -> str:
     if "://" in path_or_url:
         return path_or_url
     return f"sqlite:///{Path(path_or_url).expanduser().resolve()}"
+
+
+def display_url(url: str | URL) -> str:
+    """A database URL as messages show it: a SQLite database's file path (``:memory:`` for an
+    in-memory one), any other URL with its password hidden."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from harness.db import BUSY_TIMEOUT_MS, open_db
-from harness.errors import DatabaseError
+from harness.errors import DatabaseError, first_line
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -130,7 +130,7 @@ def _postgresql(url: str, sql: str, params: Sequence[Any], timeout_s: float
     try:
         raw = engine.raw_connection()
     except sa_exc.DBAPIError as exc:
-        raise DatabaseError(f"cannot connect: {_first_line(exc.orig or exc)}") from None
+        raise DatabaseError(f"cannot connect: {first_line(exc.orig or exc)}") from None
     try:
         return run_readonly_postgresql(raw.driver_connection, sql, params, timeout_s)
     finally:
@@ -166,13 +166,10 @@ def run_readonly_postgresql(conn: Any, sql: str, params: Sequence[Any] = (),
     except psycopg.errors.QueryCanceled:
         raise DatabaseError(_stopped(timeout_s)) from None
     except psycopg.Error as exc:
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
             msg += " (harness sql is read-only)"
         raise DatabaseError(f"SQL error: {msg}") from None
     finally:
         conn.rollback()
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

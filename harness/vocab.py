@@ -84,3 +84,15 @@ def analyze(vocab: Vocab, encode_batch: Callable[[Sequence[str]], list[list[int]
     cats[vocab.special] = SPECIAL
     cats[vocab.padding] = PADDING
     return cats
+
+
+def token_repr(text: str, raw: bytes = b"") -> str:
+    """How a token is shown: its text as Python's ``repr`` prints it (quotes, escaped control
+    characters and invisible code points); a token whose bytes are not UTF-8 (a lone byte
+    of a multi-byte character) as its bytes, ``b'\\xf7'``."""
+    if raw:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return repr(raw)
+    return repr(text)
