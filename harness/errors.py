@@ -18,3 +18,10 @@ class ModelLoadError(HarnessError):
 
 class DatabaseError(HarnessError):
     """The results database cannot be opened or queried (newer schema, corrupt file, bad SQL)."""
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an error's message (at most 200 characters), or its type's name."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:200]
