@@ -6,23 +6,18 @@ cache dir, keyed by the file's sha256, so the next load takes about a second.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import json
-import re
 import shutil
 import tempfile
-import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.gguf_file import check_gguf, sha256_file
 from harness import paths
 from harness.backend import (
     Backend,
@@ -36,9 +31,10 @@ from harness.backend import (
     ScoreResult,
 )
 from harness.errors import HarnessError, ModelLoadError, first_line
+from harness.gguf_file import check_gguf, sha256_file
 from harness.hookspecs import hookimpl
 from harness.options import BackendOption
-from harness.vocab import Vocab
+from harness.tokenizers.hf import HFTokenizer, quiet_transformers
 
 if TYPE_CHECKING:
     from backends.shared_prefix import SharedPrefix
@@ -48,26 +44,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # activations of a small model to stay in cache on a CPU.
 CPU_BATCH_TOKENS = 4096
 CUDA_BATCH_TOKENS = 65536
-_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 @hookimpl
 def register_backends(register):
     register("hf", HFBackend, default=True)
-
-
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class HFBackend(Backend):
@@ -84,8 +65,8 @@ class HFBackend(Backend):
     )
 
     def __init__(self, target: str, dtype: str = "auto", device: str = "auto",
-                 batch_tokens: int | None = None, **options: Any) -> None:
-        super().__init__(target, **options)
+                 batch_tokens: int | None = None) -> None:
+        super().__init__(target)
         try:
             import torch
             import transformers  # noqa: F401
@@ -111,7 +92,6 @@ class HFBackend(Backend):
         self.dtype_name = dtype
         self.batch_tokens = int(batch_tokens or (
             CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS))
-        self._vocab: Vocab | None = None
         self._prefix_caches: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._head32: tuple[Any, Any] | None = None
         self._memory_share = 0.6  # of the free GPU memory, for one pass; halved on OOM
@@ -140,7 +120,7 @@ class HFBackend(Backend):
 
         try:
             with quiet_transformers():
-                self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+                tok = AutoTokenizer.from_pretrained(where, **kwargs)
                 self.model = AutoModelForCausalLM.from_pretrained(
                     where, dtype=getattr(self.torch, self.dtype_name), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
@@ -154,6 +134,7 @@ class HFBackend(Backend):
                                  f"{self.dtype_name}) on {self.device}: "
                                  f"{first_line(exc)}") from None
         self.model.eval()
+        self.tokenizer = HFTokenizer(tok, self._rows())
 
     def _load_gguf(self, path: Path) -> None:
         if not path.is_file():
@@ -212,35 +193,12 @@ class HFBackend(Backend):
             "n_params": int(sum(p.numel() for p in self.model.parameters())),
             "hidden_size": getattr(cfg, "hidden_size", None),
             "embedding_rows": int(self.model.get_input_embeddings().weight.shape[0]),
-            "tokenizer_size": len(self.tokenizer),
+            "tokenizer_size": len(self.tokenizer.tok),
             "tied_embeddings": self.embeddings_tied(),
             "device": self.device,
             "dtype": self.dtype_name,
             "source": self._source,
         }
-
-    def vocab(self) -> Vocab:
-        if self._vocab is None:
-            rows = int(self.model.get_input_embeddings().weight.shape[0])
-            self._vocab = tokenizer_vocab(self.tokenizer, rows)
-        return self._vocab
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
-        return super().encode_batch(texts)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
-        if not seqs:
-            return []
-        return self.tokenizer.batch_decode([list(s) for s in seqs], skip_special_tokens=False)
 
     def context_length(self) -> int | None:
         config = self.model.config
@@ -279,7 +237,7 @@ class HFBackend(Backend):
     # in halves once the failed call's memory is released.
 
     def _pad_id(self) -> int:
-        tok = self.tokenizer
+        tok = self.tokenizer.tok
         for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
             if candidate is not None:
                 return int(candidate)
@@ -548,7 +506,7 @@ class HFBackend(Backend):
         n = len(reqs)
         dev = self.device
         on_cpu = not dev.startswith("cuda")
-        eos = self.tokenizer.eos_token_id
+        eos = self.tokenizer.tok.eos_token_id
         eos = -1 if eos is None else int(eos)
         n_steps = max(r.steps for r in reqs)
         checkpoint = reqs[0].checkpoint  # a chunk shares its length and checkpoint
@@ -631,7 +589,7 @@ class HFBackend(Backend):
         except Exception as exc:
             return [GenerateResult(error=f"{type(exc).__name__}: {first_line(exc)}")
                     for _ in requests]
-        eos = self.tokenizer.eos_token_id
+        eos = self.tokenizer.tok.eos_token_id
         results = []
         for b, req in enumerate(requests):
             new = out[b, width:].tolist()[: req.max_new_tokens]
@@ -642,7 +600,7 @@ class HFBackend(Backend):
 
     def close(self) -> None:
         self.model = None
-        self._vocab = None
+        self.tokenizer = None
         self._prefix_caches.clear()
 
 
@@ -668,70 +626,6 @@ def chunk_rows(config: Any, budget: float, dtype_bytes: int, new_tokens: int, co
     logits = reads * vocab_rows * 4 * 3  # logits, log-softmax and a temporary, float32
     rows = int(budget // (kv + activations + logits))
     return max(1, min(rows, max(1, max_tokens // max(1, new_tokens))))
-
-
-def tokenizer_vocab(tok: Any, n_rows: int | None = None) -> Vocab:
-    """Every token's exact bytes from a transformers tokenizer (byte-level BPE or
-    SentencePiece); rows ``n_rows`` past the tokenizer's size are padding."""
-    n_tok = len(tok)
-    n_rows = max(n_rows or 0, n_tok)
-    pieces = tok.convert_ids_to_tokens(list(range(n_tok)))
-    added = getattr(tok, "added_tokens_decoder", {})
-    added_ids = {int(t) for t in added}
-    special_ids = set(tok.all_special_ids) | {int(t) for t, a in added.items()
-                                              if getattr(a, "special", False)}
-    inv = _bytes_to_unicode() if _byte_level(tok) else None
-    raw: list[bytes] = []
-    byte_token = np.zeros(n_rows, dtype=bool)
-    for i, piece in enumerate(pieces):
-        piece = piece if piece is not None else ""
-        if i in special_ids or i in added_ids:
-            raw.append(piece.encode("utf-8"))
-        elif inv is not None:
-            try:
-                raw.append(bytes(inv[c] for c in piece))
-            except KeyError:  # a piece outside the byte alphabet: keep its UTF-8
-                raw.append(piece.encode("utf-8"))
-            byte_token[i] = len(raw[-1]) == 1 and raw[-1][0] >= 0x80
-        elif m := _SP_BYTE.match(piece):
-            raw.append(bytes([int(m.group(1), 16)]))
-            byte_token[i] = True
-        else:
-            raw.append(piece.replace("\u2581", " ").encode("utf-8"))
-    padding = np.zeros(n_rows, dtype=bool)
-    padding[n_tok:] = True
-    raw.extend(b"" for _ in range(n_rows - n_tok))
-    special = np.zeros(n_rows, dtype=bool)
-    special[[i for i in special_ids if i < n_rows]] = True
-    text = [
-        (pieces[i] if special[i] or i in added_ids else
-         raw[i].decode("utf-8", errors="backslashreplace")) if i < n_tok else f"<row {i}>"
-        for i in range(n_rows)
-    ]
-    return Vocab(raw=raw, text=text, special=special, byte_token=byte_token, padding=padding)
-
-
-def _byte_level(tok: Any) -> bool:
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    raw = backend.decoder.__getstate__() if backend.decoder is not None else b"{}"
-    decoder = json.loads(raw) or {}
-    parts = decoder.get("decoders", [decoder]) if decoder else []
-    return any(p.get("type") == "ByteLevel" for p in parts)
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars, warnings or log lines from transformers under the harness's own
-    display: its GGUF conversion draws a tqdm bar of its own, so stderr is held too."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from backends.gguf_file import check_gguf_header, sha256_file
 from harness import paths
 from harness.backend import (
     Backend,
@@ -31,179 +30,21 @@ from harness.backend import (
     ScoreRequest,
     ScoreResult,
 )
-from harness.errors import HarnessError, ModelLoadError
+from harness.errors import ModelLoadError
+from harness.gguf_file import sha256_file
 from harness.hookspecs import hookimpl
+from harness.llamacpp_lib import LoadedModel, clear_errors, last_error
 from harness.options import BackendOption
-from harness.vocab import Vocab
+from harness.tokenizers.gguf import GGUFTokenizer
 
 DEFAULT_CTX = 8192  # KV cells shared by all the sequences of one decode
 MAX_SEQS = 64  # sequences per decode; 256 (llama.cpp's limit) measured 14 % slower here
 MAX_OUTPUTS = 1024  # logits rows per decode: rows x vocab x 4 bytes is 1 GiB on Gemma 3
-# llama.cpp token attributes, most telling first; a token is named by the first it has.
-ATTRIBUTES = (("unused", 1 << 1), ("control", 1 << 3), ("byte", 1 << 5),
-              ("user-defined", 1 << 4), ("unknown", 1 << 0), ("normal", 1 << 2))
 
 
 @hookimpl
 def register_backends(register):
     register("llamacpp", LlamaCppBackend)
-
-
-def _lib() -> Any:
-    """llama_cpp, initialised once, with its log routed into ``_LOG`` instead of stderr."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise HarnessError("the llamacpp backend needs llama-cpp-python: "
-                           "pip install 'glitch-harness[llamacpp]' (builds from source, "
-                           "about 10 minutes)") from None
-    if not hasattr(_lib, "callback"):
-        llama_cpp.llama_backend_init()
-        _lib.callback = llama_cpp.llama_log_callback(_log_sink)  # must outlive every call
-        llama_cpp.llama_log_set(_lib.callback, ctypes.c_void_p(0))
-    return llama_cpp
-
-
-_LOG: list[str] = []
-
-
-def _log_sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if level == 4:  # GGML_LOG_LEVEL_ERROR: kept to explain a failed load, never printed
-        _LOG.append(text.decode("utf-8", errors="replace").strip())
-        del _LOG[:-20]
-
-
-def _last_error() -> str:
-    """llama.cpp's first error line, without its function-name prefixes."""
-    for line in _LOG:
-        reason = line.rsplit("error loading model: ", 1)[-1] if "error loading model" in line \
-            else line.split(": ", 1)[-1]
-        if reason:
-            return reason
-    return "llama.cpp could not load it"
-
-
-class _LoadedModel:
-    """A ``llama_model`` pointer, freed with its owner."""
-
-    def __init__(self, path: Path, vocab_only: bool) -> None:
-        lib = _lib()
-        check_gguf_header(path)  # llama.cpp itself checks the rest and says what is wrong
-        params = lib.llama_model_default_params()
-        params.vocab_only = vocab_only
-        _LOG.clear()
-        self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
-        if not self.ptr:
-            raise ModelLoadError(f"llama.cpp cannot load {path}: {_last_error()}")
-        self.vocab = lib.llama_model_get_vocab(self.ptr)
-        self.lib = lib
-
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(256)
-        n = self.lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
-
-    def free(self) -> None:
-        if self.ptr:
-            self.lib.llama_model_free(self.ptr)
-            self.ptr = None
-
-
-class GGUFTokenizer:
-    """The tokenizer of a GGUF file, exactly as llama.cpp runs it (a vocab-only load takes
-    well under a second). Also used by the ``openai`` backend for ``--tokenizer x.gguf``."""
-
-    def __init__(self, path: str | Path, _model: _LoadedModel | None = None) -> None:
-        self.path = Path(path).expanduser()
-        self._model = _model or _LoadedModel(self.path, vocab_only=True)
-        self._owns = _model is None
-        self.lib = self._model.lib
-        self._v = self._model.vocab
-        self._vocab: Vocab | None = None
-
-    def n_tokens(self) -> int:
-        return int(self.lib.llama_vocab_n_tokens(self._v))
-
-    def _piece(self, token: int, buf: Any) -> bytes:
-        n = self.lib.llama_token_to_piece(self._v, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self._v, token, buf, len(buf), 0, True)
-        return buf.raw[:n]
-
-    def attributes(self) -> list[str]:
-        """Each token's llama.cpp attribute: unused, control, byte, user-defined, unknown,
-        normal (or undefined)."""
-        names = []
-        for i in range(self.n_tokens()):
-            attr = int(self.lib.llama_vocab_get_attr(self._v, i))
-            names.append(next((name for name, bit in ATTRIBUTES if attr & bit), "undefined"))
-        return names
-
-    def vocab(self) -> Vocab:
-        if self._vocab is not None:
-            return self._vocab
-        n = self.n_tokens()
-        attrs = self.attributes()
-        buf = ctypes.create_string_buffer(64)
-        raw = [self._piece(i, buf) for i in range(n)]
-        byte_level = int(self.lib.llama_vocab_type(self._v)) == 2  # LLAMA_VOCAB_TYPE_BPE
-        special = np.array([a in ("control", "unused") for a in attrs], dtype=bool)
-        byte_token = np.array([a == "byte" or (byte_level and len(r) == 1 and r[0] >= 0x80)
-                               for a, r in zip(attrs, raw, strict=True)], dtype=bool)
-        text = []
-        for i, r in enumerate(raw):
-            if special[i] or attrs[i] == "user-defined":
-                get = self.lib.llama_vocab_get_text(self._v, i)
-                text.append(get.decode("utf-8", errors="backslashreplace") if get else "")
-            else:
-                text.append(r.decode("utf-8", errors="backslashreplace"))
-        self._vocab = Vocab(raw=raw, text=text, special=special, byte_token=byte_token,
-                            attributes=attrs)
-        return self._vocab
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        out = (self.lib.llama_token * cap)()
-        n = self.lib.llama_tokenize(self._v, data, len(data), out, cap, add_special_tokens,
-                                    True)
-        if n < 0:
-            cap = -n
-            out = (self.lib.llama_token * cap)()
-            n = self.lib.llama_tokenize(self._v, data, len(data), out, cap,
-                                        add_special_tokens, True)
-        return list(out[:n])
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        arr = (self.lib.llama_token * max(1, len(ids)))(*ids)
-        cap = 16 * len(ids) + 16
-        buf = ctypes.create_string_buffer(cap)
-        n = self.lib.llama_detokenize(self._v, arr, len(ids), buf, cap, False, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_detokenize(self._v, arr, len(ids), buf, -n, False, True)
-        return buf.raw[:n].decode("utf-8", errors="replace")
-
-    def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
-        return [self.decode(s) for s in seqs]
-
-    def bos_ids(self) -> list[int]:
-        return self.encode("", add_special_tokens=True)
-
-    def eos_id(self) -> int | None:
-        eos = int(self.lib.llama_vocab_eos(self._v))
-        return eos if eos >= 0 else None
-
-    def is_eog(self, token: int) -> bool:
-        return bool(self.lib.llama_vocab_is_eog(self._v, token))
-
-    def close(self) -> None:
-        if self._owns:
-            self._model.free()
 
 
 class _Batch:
@@ -258,14 +99,14 @@ class LlamaCppBackend(Backend):
     )
 
     def __init__(self, target: str, threads: int | None = None, n_ctx: int = DEFAULT_CTX,
-                 seqs: int = MAX_SEQS, **options: Any) -> None:
-        super().__init__(target, **options)
+                 seqs: int = MAX_SEQS) -> None:
+        super().__init__(target)
         self.path = Path(target).expanduser()
         if self.path.suffix.lower() != ".gguf" and not self.path.is_file():
             raise ModelLoadError(f"the llamacpp backend loads .gguf files, not {target!r}")
-        self._model = _LoadedModel(self.path, vocab_only=False)
+        self._model = LoadedModel(self.path, vocab_only=False)
         lib = self.lib = self._model.lib
-        self.tok = GGUFTokenizer(self.path, _model=self._model)
+        self.tokenizer = GGUFTokenizer(self.path, model=self._model)
         self.threads = int(threads or os.cpu_count() or 1)
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model.ptr))
         self.n_ctx = int(min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx)
@@ -277,15 +118,15 @@ class LlamaCppBackend(Backend):
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
-        _LOG.clear()
+        clear_errors()
         self.ctx = lib.llama_init_from_model(self._model.ptr, params)
         if not self.ctx:
             self._model.free()
             raise ModelLoadError(f"llama.cpp cannot create a context for {self.path}: "
-                                 f"{_last_error()}")
+                                 f"{last_error()}")
         self.n_seqs = int(lib.llama_n_seq_max(self.ctx))
         self.mem = lib.llama_get_memory(self.ctx)
-        self.n_vocab = self.tok.n_tokens()
+        self.n_vocab = self.tokenizer.n_tokens()
         self.batch = _Batch(lib, self.n_ctx)
         self._digest: str | None = None
         self._embeddings: dict[str, np.ndarray] = {}
@@ -328,21 +169,6 @@ class LlamaCppBackend(Backend):
             "file_type": self._file_type(),
             "source": f"gguf-sha256:{self._sha()}",
         }
-
-    def vocab(self) -> Vocab:
-        return self.tok.vocab()
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tok.encode_batch(texts)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(ids)
-
-    def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
-        return self.tok.decode_batch(seqs)
 
     def context_length(self) -> int:
         return self.n_ctx
@@ -558,7 +384,7 @@ class LlamaCppBackend(Backend):
                     out[r].ids.append(int(nxt[row]))
                     stop = reqs[r].stop_at if reqs[r].stop_at is not None else 2.0
                     if (p[row] < stop and reqs[r].steps > step + 1
-                            and not self.tok.is_eog(int(nxt[row]))):
+                            and not self.tokenizer.is_eog(int(nxt[row]))):
                         still.append(r)
                 step += 1
                 if not still:
@@ -606,7 +432,7 @@ class LlamaCppBackend(Backend):
             while live:
                 still = []
                 for i in live:
-                    if self.tok.is_eog(nxt[i]):
+                    if self.tokenizer.is_eog(nxt[i]):
                         continue
                     out[i].ids.append(nxt[i])
                     if len(out[i].ids) < reqs[i].max_new_tokens:
@@ -631,6 +457,7 @@ class LlamaCppBackend(Backend):
             self.lib.llama_free(self.ctx)
             self.ctx = None
             self._model.free()
+            self.tokenizer = None  # its vocab was the model's
         self._embeddings.clear()
         self._gguf = None
 

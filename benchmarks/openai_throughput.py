@@ -60,13 +60,13 @@ def verify(url: str, concurrency: int, probes: str, tokens: list[int]) -> dict:
     be = OpenAIBackend(f"smollm2@{url}", tokenizer="smollm2", concurrency=concurrency)
     load_s = time.perf_counter() - t0
     counts = {"requests": 0}
-    complete = be._complete
+    complete = be.transport.complete
 
     def counted(*args, **kwargs):
         counts["requests"] += 1
         return complete(*args, **kwargs)
 
-    be._complete = counted
+    be.transport.complete = counted
     try:
         vocab = be.vocab()
         ctx = ScanContext(backend=be, vocab=vocab, categories=np.array([]))

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.errors import HarnessError
 from harness.options import BackendOption
+from harness.tokenizers import Tokenizer
 from harness.vocab import Vocab
 
 
@@ -138,13 +140,17 @@ class Backend(ABC):
     ``load_options`` the keyword options their constructor takes (``harness scan -b
     NAME=VALUE``; ``harness plugins`` lists them).
 
-    White-box backends implement the embedding methods; black-box backends leave them
-    raising ``NotImplementedError`` and do not declare ``Capability.EMBEDDINGS``.
+    A backend sets ``tokenizer`` to a ``harness.tokenizers.Tokenizer``, which answers
+    ``vocab``, ``encode``, ``decode``, their batch forms and ``bos_ids``; or it overrides
+    ``vocab``, ``encode`` and ``decode`` itself (the batch methods and ``bos_ids`` are then
+    built on those). White-box backends implement the embedding methods; black-box backends
+    leave them raising ``NotImplementedError`` and do not declare ``Capability.EMBEDDINGS``.
     """
 
     name: str = "backend"
     capabilities: frozenset[Capability] = frozenset()
     load_options: ClassVar[tuple[BackendOption, ...]] = ()
+    tokenizer: Tokenizer | None = None
 
     def __init__(self, target: str, **options: Any) -> None:
         self.target = target
@@ -154,26 +160,37 @@ class Backend(ABC):
     def fingerprint(self) -> Fingerprint:
         """Identity of the model, its weights, dtype and tokenizer."""
 
-    @abstractmethod
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise HarnessError(f"the {self.name} backend has no tokenizer loaded")
+        return self.tokenizer
+
     def vocab(self) -> Vocab:
         """Every token: id, raw bytes, display text, special flag."""
+        return self._tokenizer().vocab()
 
-    @abstractmethod
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tokenizer().encode(text, add_special_tokens=add_special_tokens)
 
-    @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer().decode(ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts without special tokens; override with a faster batch path."""
-        return [self.encode(t) for t in texts]
+        """Encode many texts without special tokens."""
+        if self.tokenizer is None:
+            return [self.encode(t) for t in texts]
+        return self.tokenizer.encode_batch(texts)
 
     def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
-        return [self.decode(s) for s in seqs]
+        if self.tokenizer is None:
+            return [self.decode(s) for s in seqs]
+        return self.tokenizer.decode_batch(seqs)
 
     def bos_ids(self) -> list[int]:
         """What the tokenizer puts before a text (usually ``[bos]`` or nothing)."""
-        return self.encode("", add_special_tokens=True)
+        if self.tokenizer is None:
+            return self.encode("", add_special_tokens=True)
+        return self.tokenizer.bos_ids()
 
     def context_length(self) -> int | None:
         """The longest sequence the model takes, where known."""

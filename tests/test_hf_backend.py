@@ -21,7 +21,7 @@ def test_vocab_bytes_flags_and_padding(tiny):
     vocab = tiny.vocab()
     assert len(vocab) == TINY_ROWS
     assert vocab.padding.sum() == TINY_ROWS - TINY_VOCAB
-    assert vocab.special[tiny.tokenizer.eos_token_id]
+    assert vocab.special[tiny.tokenizer.tok.eos_token_id]
     # byte-level BPE: every one of the 256 bytes has a token, the space is Ġ -> b" "
     singles = {r for r in vocab.raw if len(r) == 1}
     assert len(singles) == 256
@@ -34,7 +34,7 @@ def test_tokenizer_analysis(tiny):
     vocab = tiny.vocab()
     cats = analyze(vocab, tiny.encode_batch)
     assert (cats == PADDING).sum() == TINY_ROWS - TINY_VOCAB
-    assert cats[tiny.tokenizer.eos_token_id] == SPECIAL
+    assert cats[tiny.tokenizer.tok.eos_token_id] == SPECIAL
     assert (cats == BYTE).sum() == 128
     assert cats[tiny.encode(" the")[0]] == NORMAL
 

@@ -382,7 +382,7 @@ def test_keys_are_checked_and_never_stored(cli, bos_server, harness_home, monkey
 def test_tiktoken_vocab_and_offline_message(monkeypatch, tmp_path):
     import tiktoken
 
-    from backends.openai_api import TiktokenTokenizer, _tiktoken_tokenizer
+    from harness.tokenizers.tiktoken import TiktokenTokenizer, tiktoken_tokenizer
 
     ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"\xe2\x80": 257}
     enc = tiktoken.Encoding("tiny", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
@@ -394,13 +394,13 @@ def test_tiktoken_vocab_and_offline_message(monkeypatch, tmp_path):
     assert vocab.byte_token[200] and not vocab.byte_token[97]
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # nothing cached: it must fetch
     try:
-        _tiktoken_tokenizer("cl100k_base")
+        tiktoken_tokenizer("cl100k_base")
     except ModelLoadError as exc:
         assert "tiktoken cannot fetch the BPE file of encoding 'cl100k_base'" in str(exc)
     else:
         pytest.skip("this machine can download tiktoken's files")
     with pytest.raises(ModelLoadError, match="no encoding or model"):
-        _tiktoken_tokenizer("no-such-encoding")
+        tiktoken_tokenizer("no-such-encoding")
 
 
 def test_server_tokenizer_reads_the_vocabulary_token_by_token():
