@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from backends.openai_api import negotiate
+import backends.openai_api.negotiate as negotiate
 from backends.openai_api.negotiate import SCORE_MODES, ServerInfo
 from backends.openai_api.scoring import Scorer
 from backends.openai_api.tokenizers import Spellings, load_tokenizer
