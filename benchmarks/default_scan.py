@@ -137,7 +137,7 @@ def shapes(model: str) -> dict:
     """What the bounds need of the model: the body's parameters, the vocabulary projection's
     shape, and the new tokens per vocabulary token of the screen and of each verify-3 prompt."""
     from harness.plugins import registry
-    from harness.probe import plan_prompt
+    from harness.probe_sets import plan_prompt
     from harness.refs import resolve
     from harness.runner import load_backend
     from probes import SCREEN, VERIFY_3

@@ -57,7 +57,7 @@ from backends.hf import HFBackend
 from detectors.repeat_probe import RepeatProbe
 from harness.backend import ProbeRequest, ProbeResult
 from harness.detector import Finding, ScanContext
-from harness.probe import PromptPlan
+from harness.probe_sets import PromptPlan
 from harness.verdicts import GLITCH
 from harness.vocab import analyze
 from probes import VERIFY_3

@@ -21,7 +21,7 @@ from harness.backend import Capability, GenerateRequest
 from harness.detector import Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe import find_probe_set, plan_prompt
+from harness.probe_sets import find_probe_set, plan_prompt
 from harness.verdicts import ERROR, OK, SUSPECT
 
 

@@ -28,7 +28,7 @@ from harness.backend import Capability, GenerateRequest, ProbeRequest, ProbeResu
 from harness.detector import Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe import PromptPlan, find_probe_set, plan_probe_set
+from harness.probe_sets import PromptPlan, find_probe_set, plan_probe_set
 from harness.verdicts import ERROR, GLITCH, OK
 
 _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")

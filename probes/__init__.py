@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness.hookspecs import hookimpl
-from harness.probe import ProbeSet
+from harness.probe_sets import ProbeSet
 from probes.known_tokens import GPT2_GLITCH_141
 
 # Seed 000's twelve paraphrases of "Please repeat the string '<token>' back to me."

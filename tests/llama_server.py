@@ -84,7 +84,7 @@ def start_llama_server(model_path: str | None = None, *, alias: str = MODEL_ALIA
     "tokenizer.ggml.add_bos_token=bool:true")`` to make the model start prompts with a BOS.
     """
     if model_path is None:
-        from backends.packaged import smollm2_gguf
+        from models.aliases import smollm2_gguf
 
         model_path = smollm2_gguf()
     port = free_port()

@@ -11,7 +11,7 @@ import pytest
 from harness.backend import Backend, ProbeRequest, ScoreRequest
 from harness.db import open_db
 from harness.detector import ScanContext
-from harness.probe import ProbeSet, plan_prompt
+from harness.probe_sets import ProbeSet, plan_prompt
 from harness.runner import scan
 from tests.conftest import PLANTED, TINY_ROWS
 from tests.dbs import is_postgres

@@ -11,7 +11,7 @@ import pytest
 
 from harness.backend import Backend, GenerateRequest, ProbeRequest, ScoreRequest
 from harness.db import open_db
-from harness.probe import plan_prompt
+from harness.probe_sets import plan_prompt
 from harness.runner import scan
 
 pytestmark = pytest.mark.real_model
@@ -22,7 +22,7 @@ SMOLLM2_CONTROL = set(range(17))  # <|endoftext|>, <|im_start|>, ... <empty_outp
 @pytest.fixture(scope="module")
 def smollm2():
     from backends.llamacpp import LlamaCppBackend
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     backend = LlamaCppBackend(smollm2_gguf(), threads=2)
     yield backend
@@ -41,7 +41,7 @@ def test_vocab_carries_llama_cpp_token_attributes(smollm2):
 
 def test_gemma_unused_tokens_and_bos():
     from backends.llamacpp import GGUFTokenizer
-    from backends.packaged import gemma3_270m_gguf
+    from models.aliases import gemma3_270m_gguf
 
     tok = GGUFTokenizer(gemma3_270m_gguf())
     vocab = tok.vocab()
@@ -67,7 +67,7 @@ def test_encode_decode_round_trip_and_special_tokens(smollm2):
 
 def test_embeddings_read_from_the_file_match_the_hf_backend(smollm2):
     from backends.hf import HFBackend
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     emb = smollm2.input_embeddings()
     assert emb.shape == (49152, 576) and emb.dtype == np.float32
@@ -124,7 +124,7 @@ def test_score_and_generate_batch_equal_single(smollm2):
     (200, "failed to read"),
 ])
 def test_truncated_gguf_is_one_line(cli, tmp_path, cut, message):
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     broken = tmp_path / "broken.gguf"
     with open(smollm2_gguf(), "rb") as fh:
@@ -197,7 +197,7 @@ def untied_gguf(tmp_path_factory):
     import gguf
     from gguf.quants import dequantize
 
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     reader = gguf.GGUFReader(smollm2_gguf())
     out = tmp_path_factory.mktemp("untied") / "smollm2-untied.gguf"
@@ -245,7 +245,7 @@ def test_untied_output_matrix_is_read_from_its_own_tensor(untied_gguf, smollm2):
 
 def test_a_checkpoint_gives_up_early_or_changes_nothing_in_llamacpp(smollm2):
     from harness.backend import ProbeRequest
-    from harness.probe import plan_probe_set
+    from harness.probe_sets import plan_probe_set
     from probes import VERIFY_3
 
     repeats = plan_probe_set(VERIFY_3, smollm2.encode, smollm2.bos_ids())[1]

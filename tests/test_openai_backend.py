@@ -19,7 +19,7 @@ from harness.backend import Capability, GenerateRequest, ProbeRequest, ScoreRequ
 from harness.db import open_db
 from harness.errors import ModelLoadError
 from harness.hookspecs import hookimpl
-from harness.probe import ProbeSet, plan_prompt
+from harness.probe_sets import ProbeSet, plan_prompt
 from harness.runner import scan
 from tests.fault_proxy import FaultProxy
 from tests.llama_server import llama_server, start_llama_server
@@ -127,7 +127,7 @@ def test_scores_and_greedy_tokens_match_llama_cpp_in_process(backend):
     """``forced`` scores are llama.cpp's own log-probabilities; probe and generate are greedy."""
     import llama_cpp
 
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     llm = llama_cpp.Llama(smollm2_gguf(), n_ctx=256, n_threads=1, logits_all=True,
                           verbose=False)

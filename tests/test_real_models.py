@@ -40,7 +40,7 @@ def smollm2_db(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smollm2():
     from backends.hf import HFBackend
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     return HFBackend(smollm2_gguf())
 

@@ -12,7 +12,7 @@ import pytest
 from harness.backend import ProbeRequest
 from harness.db import open_db
 from harness.detector import ScanContext
-from harness.probe import plan_probe_set
+from harness.probe_sets import plan_probe_set
 from harness.runner import scan
 
 pytestmark = pytest.mark.real_model
@@ -31,7 +31,7 @@ def rows(db, sql, *params):
 @pytest.fixture(scope="module")
 def smollm2():
     from backends.hf import HFBackend
-    from backends.packaged import smollm2_gguf
+    from models.aliases import smollm2_gguf
 
     return HFBackend(smollm2_gguf())
 
@@ -76,8 +76,8 @@ def test_shared_prefix_attention_gives_what_the_plain_cache_gives(smollm2, probe
 def test_bf16_verdicts_equal_float32_near_the_threshold():
     """Tokens within a factor of two to four of 0.01: bf16 weights, float32 projection."""
     from backends.hf import HFBackend
-    from backends.packaged import smollm2_gguf
     from detectors.repeat_probe import RepeatProbe
+    from models.aliases import smollm2_gguf
 
     verdicts = {}
     for dtype in ("float32", "bfloat16"):
@@ -106,7 +106,7 @@ def test_an_extra_detector_run_keeps_the_verified_glitch_tokens(tmp_path):
 @pytest.fixture(scope="module")
 def gemma():
     from backends.hf import HFBackend
-    from backends.packaged import gemma3_270m_gguf
+    from models.aliases import gemma3_270m_gguf
 
     return HFBackend(gemma3_270m_gguf())
 

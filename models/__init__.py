@@ -1,0 +1,1 @@
+"""Built-in model alias plugins."""
