@@ -15,7 +15,7 @@ from harness import store
 from harness.errors import HarnessError
 from harness.evaluate import find_model
 from harness.store import StoredModel
-from harness.verdicts import FINAL, FLAGGED
+from harness.verdicts import FINAL, FLAGGED, GLITCH, SUSPECT
 from harness.vocab import token_repr
 
 TABLE_CAP = 200  # rows of the glitch-token table per model
@@ -78,7 +78,7 @@ class ModelReport:
     final: DetectorRun | None  # the latest run of the ``verdict`` pseudo-detector
     verifier: str | None  # the detector whose run gave the final verdicts' evidence
     rows: list[TokenRow] = field(default_factory=list)
-    rows_kind: str = "glitch"  # glitch | suspect | flagged (no final verdicts) | none
+    rows_kind: str = GLITCH  # glitch | suspect | flagged (no final verdicts) | none
     rows_total: int = 0
     glitch_ids: list[int] = field(default_factory=list)
     glitch_raw: list[bytes] = field(default_factory=list)
@@ -172,7 +172,7 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
             rep.glitch_ids = [g[0] for g in glitch]
             rep.glitch_raw = [g[1] for g in glitch]
             rep.glitch_shown = [token_repr(g[2], g[1]) for g in glitch]
-            kind = "glitch" if glitch else "suspect"
+            kind = GLITCH if glitch else SUSPECT
             found = store.findings_by_token(conn, rep.model_id, [rep.final.run_id], [kind])
             # the final verdict's score is the repeat probability: least repeatable first
             found.sort(key=lambda f: (f.min_score is None, f.min_score or 0.0, f.token_id))
@@ -196,7 +196,7 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
         if kind == "flagged":
             by = flagged_by.get(f.token_id, [])
             score = None
-            verdict = "glitch" if "glitch" in f.verdicts else "suspect"
+            verdict = GLITCH if GLITCH in f.verdicts else SUSPECT
         else:
             by = list(_json(f.evidence_json).get("flagged_by") or [])
             score = f.min_score

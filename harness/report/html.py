@@ -205,7 +205,7 @@ def _token_table(rep: ModelReport) -> str:
             "</tr>")
     more = ""
     if rep.rows_total > len(rep.rows):
-        view = "glitch_tokens" if rep.rows_kind == "glitch" else "final_verdicts"
+        view = "glitch_tokens" if rep.rows_kind == GLITCH else "final_verdicts"
         more = (f"<p class='note'>… and {rep.rows_total - len(rep.rows):,} more, not shown: "
                 f"<code>harness sql \"SELECT * FROM {view} WHERE model_id = "
                 f"{rep.model_id}\"</code> lists them all.</p>")
@@ -274,7 +274,7 @@ def render(reports: list[ModelReport], source: str = "") -> str:
         parts.append(_header(rep))
         parts.append("<h3>Indicator distributions</h3>" + _histograms(rep))
         parts.append("<h3>Static indicators against verification</h3>" + _scatters(rep))
-        title = {"glitch": "Glitch tokens", "suspect": "Suspect tokens (none verified)",
+        title = {GLITCH: "Glitch tokens", SUSPECT: "Suspect tokens (none verified)",
                  "flagged": "Flagged tokens (no final verdicts)",
                  "none": "Glitch tokens"}[rep.rows_kind]
         parts.append(f"<h3>{title}</h3>" + _token_table(rep) + "</section>")

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.report.data import DetectorRun, ModelReport
-from harness.verdicts import FLAGGED
+from harness.verdicts import ERROR, FLAGGED, GLITCH, OK, SUSPECT
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-COLOURS = {"glitch": "#c0392b", "suspect": "#e67e22", "error": "#8e44ad", "ok": "#95a5a6",
+COLOURS = {GLITCH: "#c0392b", SUSPECT: "#e67e22", ERROR: "#8e44ad", OK: "#95a5a6",
            "all": "#7f8c8d", "flagged": "#c0392b"}
 
 
@@ -96,10 +96,10 @@ def scatter(rep: ModelReport, static: str) -> tuple[str | None, dict[str, int]]:
     counts["clipped"] = int(clipped.sum())
     y = np.where(clipped, floor, y)
     fig, ax = _figure(6.4, 4.2)
-    styles = {"ok": dict(marker=".", s=14, alpha=0.6),
-              "error": dict(marker="s", s=16, alpha=0.8),
-              "suspect": dict(marker="^", s=22, alpha=0.8),
-              "glitch": dict(marker="x", s=30, linewidths=1.3)}
+    styles = {OK: dict(marker=".", s=14, alpha=0.6),
+              ERROR: dict(marker="s", s=16, alpha=0.8),
+              SUSPECT: dict(marker="^", s=22, alpha=0.8),
+              GLITCH: dict(marker="x", s=30, linewidths=1.3)}
     for v, style in styles.items():
         pick = both & (verdict == v)
         counts[v] = int(pick.sum())
@@ -124,10 +124,10 @@ def bar_chart(reports: list[ModelReport]) -> str:
     fig, ax = _figure(6.4, 1.3 + 0.45 * len(reports))
     labels = [_short(r.label, 45).replace("$", r"\$") for r in reports]  # no mathtext
     glitch = [len(r.glitch_ids) for r in reports]
-    suspect = [r.final_counts().get("suspect", 0) for r in reports]
+    suspect = [r.final_counts().get(SUSPECT, 0) for r in reports]
     pos = np.arange(len(reports))
-    ax.barh(pos - 0.2, glitch, height=0.4, color=COLOURS["glitch"], label="glitch")
-    ax.barh(pos + 0.2, suspect, height=0.4, color=COLOURS["suspect"], label="suspect")
+    ax.barh(pos - 0.2, glitch, height=0.4, color=COLOURS[GLITCH], label=GLITCH)
+    ax.barh(pos + 0.2, suspect, height=0.4, color=COLOURS[SUSPECT], label=SUSPECT)
     for p, g, s in zip(pos, glitch, suspect, strict=True):
         ax.text(g, p - 0.2, f" {g:,}", va="center", fontsize="small")
         ax.text(s, p + 0.2, f" {s:,}", va="center", fontsize="small")
