@@ -294,3 +294,11 @@ def test_npz_backend_declares_an_option_that_scan_accepts(cli, example_module, t
     code, _, err = cli("scan", f"npz:{model}", "-d", "embedding-centroid", "-b", "threads=2")
     assert code == 2 and err.strip().count("\n") == 0
     assert "backend 'npz' has no option threads (its options: embeddings_key" in err
+
+    # harness compare passes the same option to the scans it runs
+    np.savez(tmp_path / "other.npz", **{**arrays, "wte": arrays["wte"] * 2})
+    code, out, err = cli("compare", f"npz:{renamed}", f"npz:{tmp_path / 'other.npz'}",
+                         "-d", "embedding-centroid", "-b", "embeddings_key=wte",
+                         "--format", "json")
+    assert code == 0, err
+    assert "embedding-centroid" in json.loads(out)["detectors"]
