@@ -102,7 +102,7 @@ def detector_compute(model: str, cache: Path) -> dict:
         t = time.perf_counter()
         opts = det.prepare(ctx)
         batches = list(det.run(ctx, ids))
-        rows = [r for b in batches for r in (b.rows(0) if isinstance(b, FindingArrays) else b)]
+        rows = [r for b in batches for r in (b.rows() if isinstance(b, FindingArrays) else b)]
         fast_s = time.perf_counter() - t
         fast = np.concatenate([b.verdicts for b in batches])
         t = time.perf_counter()

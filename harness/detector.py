@@ -52,10 +52,12 @@ class FindingArrays:
             joined = np.char.add(np.char.add(joined, ", "), part)
         return np.char.add(np.char.add("{", joined), "}").tolist()
 
-    def rows(self, run_id: int) -> list[tuple]:
+    def rows(self) -> list[tuple]:
+        """``(token_id, score, verdict, evidence_json)`` per token, as ``store.insert_findings``
+        takes them (a score that is not finite as None)."""
         scores = [None if not np.isfinite(s) else s for s in self.scores.astype(float).tolist()]
-        return list(zip([run_id] * len(self), self.token_ids.tolist(), scores,
-                        np.asarray(self.verdicts).tolist(), self.evidence_json(), strict=True))
+        return list(zip(self.token_ids.tolist(), scores, np.asarray(self.verdicts).tolist(),
+                        self.evidence_json(), strict=True))
 
 
 @dataclass

@@ -124,7 +124,7 @@ def store_model(engine: Engine, ref: ResolvedRef, backend: Backend, vocab: Vocab
 def _finding_rows(batch: list[Finding] | FindingArrays) -> list[tuple]:
     """``(token_id, score, verdict, evidence_json)`` of each finding of a batch."""
     if isinstance(batch, FindingArrays):
-        return [r[1:] for r in batch.rows(0)]
+        return batch.rows()
     return [(f.token_id, None if f.score is None or not np.isfinite(f.score)
              else float(f.score), f.verdict, json.dumps(f.evidence, default=str))
             for f in batch]
@@ -187,7 +187,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
             # an interrupted or shared run, or a finished one with failed tokens: redo those
             run_id = prior[0]
             if prior[1] == "running":
-                others = [w for _, w, _ in store.claimed_blocks(conn, run_id)
+                others = [w for _, w in store.claimed_blocks(conn, run_id)
                           if w != worker_id() and not is_dead(w)]
                 status = "joined" if others else "resumed"
             else:

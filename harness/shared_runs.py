@@ -119,7 +119,7 @@ def work_blocks(engine: Engine, run_id: int, scope: np.ndarray,
                     status, reason = store.run_status(conn, run_id)
                     if status == "failed":
                         raise RunFailed(reason or "another process failed the run")
-                    dead = [b for b, w, _ in store.claimed_blocks(conn, run_id) if is_dead(w)]
+                    dead = [b for b, w in store.claimed_blocks(conn, run_id) if is_dead(w)]
                     block = store.claim_block(conn, run_id, me, lease_s, dead)
                     counts = store.count_blocks(conn, run_id)
                     progress(store.count_findings(conn, run_id), examined)

@@ -530,16 +530,10 @@ def count_blocks(conn: Connection, run_id: int) -> dict[str, int]:
     return counts
 
 
-def done_block_tokens(conn: Connection, run_id: int) -> int:
-    """How many of the run's tokens lie in finished blocks."""
-    return int(conn.execute(select(func.coalesce(func.sum(BLOCKS.c.n_tokens), 0)).where(
-        BLOCKS.c.run_id == run_id, BLOCKS.c.status == "done")).scalar_one())
-
-
-def claimed_blocks(conn: Connection, run_id: int) -> list[tuple[int, str, float]]:
-    """(block, worker, lease_until) of the run's claimed blocks."""
-    return [(int(b), w, float(t)) for b, w, t in conn.execute(
-        select(BLOCKS.c.block, BLOCKS.c.worker, BLOCKS.c.lease_until).where(
+def claimed_blocks(conn: Connection, run_id: int) -> list[tuple[int, str]]:
+    """(block, worker) of the run's claimed blocks."""
+    return [(int(b), w) for b, w in conn.execute(
+        select(BLOCKS.c.block, BLOCKS.c.worker).where(
             BLOCKS.c.run_id == run_id, BLOCKS.c.status == "claimed"))]
 
 
