@@ -116,3 +116,67 @@ class RunBlock(Base):
     wall_s: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("ix_run_blocks_status", "run_id", "status"),)
+
+
+class Elicitation(Base):
+    """One restart of one prompt elicitation: the discrete prompt found for a target and the
+    target's probability after it (measured by a plain forward pass after projection).
+    ``session`` groups the restarts of one call; ``run_id`` is set when the ``elicit``
+    detector made it."""
+
+    __tablename__ = "elicitations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"),
+                                          nullable=False)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    session: Mapped[str] = mapped_column(String, nullable=False)
+    target_ids: Mapped[str] = mapped_column(Text, nullable=False)  # JSON list
+    target_text: Mapped[str] = mapped_column(Text, nullable=False)
+    restart: Mapped[int] = mapped_column(Integer, nullable=False)
+    seed: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_positions: Mapped[int] = mapped_column(Integer, nullable=False)
+    steps: Mapped[int] = mapped_column(Integer, nullable=False)
+    prompt_ids: Mapped[str] = mapped_column(Text, nullable=False)  # JSON list
+    prompt_text: Mapped[str] = mapped_column(Text, nullable=False)
+    probability: Mapped[float] = mapped_column(Float, nullable=False)
+    wall_s: Mapped[float] = mapped_column(Float, nullable=False)
+    options_json: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
+    created_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+    __table_args__ = (Index("ix_elicitations_model_target", "model_id", "target_text"),
+                      Index("ix_elicitations_session", "session"))
+
+
+class Clustering(Base):
+    """One k-means of one embedding matrix (``input`` or ``output``) of a model over several
+    seeds; ``agreement`` is the mean adjusted Rand index between the seeds' clusterings."""
+
+    __tablename__ = "clusterings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"),
+                                          nullable=False)
+    matrix: Mapped[str] = mapped_column(String, nullable=False)
+    k: Mapped[int] = mapped_column(Integer, nullable=False)
+    seeds_json: Mapped[str] = mapped_column(Text, nullable=False)
+    agreement: Mapped[float | None] = mapped_column(Float)
+    options_json: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
+    wall_s: Mapped[float] = mapped_column(Float, nullable=False)
+    created_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+    __table_args__ = (Index("ix_clusterings_model", "model_id", "matrix"),)
+
+
+class TokenCluster(Base):
+    """A token's cluster under one seed of a clustering, and its distance to that cluster's
+    centroid."""
+
+    __tablename__ = "token_clusters"
+
+    clustering_id: Mapped[int] = mapped_column(
+        ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True)
+    seed: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster: Mapped[int] = mapped_column(Integer, nullable=False)
+    distance: Mapped[float] = mapped_column(Float, nullable=False)
