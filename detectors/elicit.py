@@ -48,8 +48,10 @@ class Elicit(Detector):
     requires = frozenset({Capability.GRADIENTS, Capability.SCORE})
     suspicious_when = "low"
     behavioural = True
-    defaults = {"positions": 8, "steps": 100, "restarts": 1, "lr": 0.1, "reg": 0.1,
-                "threshold": 0.01, "stop_at": 0.1, "seed": 0, "batch": 32,
+    # threshold: the repeat verifier's 0.01; a token stops at twice that (stop_at), which is
+    # all its verdict needs, and its evidence's probability is then a lower bound
+    defaults = {"positions": 8, "steps": 50, "swaps": 16, "restarts": 1, "lr": 0.3,
+                "reg": 0.1, "threshold": 0.01, "stop_at": 0.02, "seed": 0, "batch": 32,
                 "prompt_tokens": "normal", "allow_target": False, "against": "repeat-probe"}
 
     def __init__(self, **options: Any) -> None:
@@ -57,7 +59,7 @@ class Elicit(Detector):
         o = self.options
         self.elicit_options = ElicitOptions(
             positions=int(o["positions"]), steps=int(o["steps"]), lr=float(o["lr"]),
-            reg=float(o["reg"]), stop_at=float(o["stop_at"]),
+            reg=float(o["reg"]), swaps=int(o["swaps"]), stop_at=float(o["stop_at"]),
             allow_target=bool(o["allow_target"]), prompt_tokens=str(o["prompt_tokens"]))
         self.elicit_options.check()
         if int(o["restarts"]) < 1:
@@ -86,7 +88,7 @@ class Elicit(Detector):
         found = elicit(be, rows, self.candidates, self.elicit_options)
         texts = be.decode_batch([f.prompt_ids for f in found])
         thr = float(o["threshold"])
-        run_options = {k: o[k] for k in ("lr", "reg", "stop_at", "prompt_tokens",
+        run_options = {k: o[k] for k in ("lr", "reg", "swaps", "stop_at", "prompt_tokens",
                                           "allow_target", "threshold")}
         findings = []
         for k, t in enumerate(batch):

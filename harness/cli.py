@@ -479,6 +479,9 @@ def cmd_elicit(
     lr: Annotated[float, typer.Option(help="Adam's learning rate.")] = 0.3,
     reg: Annotated[float, typer.Option(
         help="Weight of the distance to the nearest token in the loss.")] = 0.1,
+    swaps: Annotated[int, typer.Option(
+        help="Gradient-ranked one-token changes tried per restart and step (0: pure PEZ).")]
+    = 16,
     stop_at: Annotated[float, typer.Option(
         help="A restart stops once its prompt gives the target this probability.")] = 0.9,
     ids: Annotated[bool, typer.Option(
@@ -495,7 +498,7 @@ def cmd_elicit(
     descent in the embedding space, projected onto real tokens; every restart is stored."""
     from harness.elicitation import ElicitOptions, run_session
 
-    options = ElicitOptions(positions=positions, steps=steps, lr=lr, reg=reg,
+    options = ElicitOptions(positions=positions, steps=steps, lr=lr, reg=reg, swaps=swaps,
                             stop_at=stop_at, allow_target=allow_target)
     engine = open_db(_db_url(db))
     progress = _progress(transient=True)

@@ -7,7 +7,7 @@ target and one seed) starts from the embeddings of random real tokens, drawn fro
 alone, so a row's result does not depend on the batch it runs in.
 
 One step, per row (PEZ, Wen et al. 2023, "Hard prompts made easy", with seed 000's
-regulariser):
+regulariser, and a gradient-guided token swap as in AutoPrompt / GCG):
 
 1. project the continuous prompt ``P`` onto the nearest allowed token of each position
    (cosine similarity over the whole candidate vocabulary, one matrix product, in chunks);
@@ -15,14 +15,21 @@ regulariser):
    several tokens): the loss is ``-log p(target)`` plus ``reg`` times the mean squared
    distance of each position to its nearest token;
 3. the gradient of the loss, taken at the projected prompt, updates ``P`` (straight
-   through the projection) with Adam.
+   through the projection) with Adam;
+4. ``swaps``: the same gradient ranks, for each position, the tokens whose embedding would
+   lower the loss most to first order; that many one-token changes of the projected prompt
+   (the best ranked token at each position in turn, then the second best, ...) run through
+   the model without gradients, and the best of them, when it beats the projected prompt,
+   is taken: ``P`` jumps to that token's embedding at that position. Pure PEZ (``swaps``
+   0) drifts between tokens slowly; the swaps find the one token a target needs before it
+   (`` b`` before ``ecause``) that a continuous step rarely lands on.
 
 Because every forward pass runs on a real token sequence, each step measures the
-probability of the target after the prompt it projected to; the best prompt of a row so far
-is kept. A row stops once that probability reaches ``stop_at`` (with ``groups``: once any
-row of its group does); the batch stops when every row has. At the end, the best prompt of
-each row and the projection of its final ``P`` are scored again by a plain forward pass of
-the backend (``Backend.score``), and the better of the two is the row's result.
+probability of the target after the prompts it tried; the best prompt of a row so far is
+kept. A row stops once that probability reaches ``stop_at`` (with ``groups``: once any row
+of its group does); the batch stops when every row has. At the end, the best prompt of each
+row and the projection of its final ``P`` are scored again by a plain forward pass of the
+backend (``Backend.score``), and the better of the two is the row's result.
 
 torch is imported only when an elicitation runs (llama.cpp-only installs have none).
 """
@@ -44,6 +51,7 @@ from harness.vocab import NORMAL, PADDING, SPECIAL
 
 PROMPT_TOKENS = ("normal", "nonspecial")  # which tokens a prompt may hold
 SIM_CELLS = 1 << 24  # similarity scores computed at once while projecting (64 MiB)
+LOGIT_CELLS = 1 << 25  # logits computed at once while trying swaps (128 MiB)
 
 
 @dataclass(frozen=True)
@@ -53,9 +61,10 @@ class ElicitOptions:
     tokens (the model may then just copy them)."""
 
     positions: int = 8
-    steps: int = 200
-    lr: float = 0.01
+    steps: int = 100
+    lr: float = 0.3
     reg: float = 0.1
+    swaps: int = 16
     stop_at: float = 0.9
     allow_target: bool = False
     prompt_tokens: str = "normal"
@@ -68,6 +77,8 @@ class ElicitOptions:
             raise HarnessError("elicitation needs at least one optimisation step")
         if not self.lr > 0:
             raise HarnessError(f"learning rate must be positive, not {self.lr}")
+        if self.swaps < 0:
+            raise HarnessError(f"swaps must be at least 0, not {self.swaps}")
         if not self.reg >= 0:
             raise HarnessError(f"the regulariser weight must be at least 0, not {self.reg}")
         if not 0 < self.stop_at <= 1:
@@ -153,40 +164,86 @@ def elicit(backend: Backend, rows: Sequence[ElicitRow], candidates: np.ndarray,
     return done
 
 
-class _Projector:
-    """Nearest allowed token of each prompt position by cosine similarity, over the whole
-    candidate set, in vocabulary chunks (a row's banned tokens left out)."""
+class _Candidates:
+    """The tokens a prompt may hold, over which each step searches in vocabulary chunks:
+    the nearest one to a continuous position (cosine), and the ones a gradient prefers."""
 
     def __init__(self, torch: Any, embeddings: Any, candidates: np.ndarray) -> None:
         self.torch = torch
         self.ids = torch.as_tensor(candidates, dtype=torch.long, device=embeddings.device)
-        rows = embeddings[self.ids]
-        self.unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.rows = embeddings[self.ids]
+        self.unit = self.rows / self.rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.where = {int(t): k for k, t in enumerate(candidates.tolist())}
 
-    def __call__(self, prompt: Any, banned: list[list[int]]) -> Any:
-        """Token ids (B, N) nearest to ``prompt`` (B, N, d); ``banned[b]``: ids row b may
-        not take."""
+    def _top(self, queries: Any, matrix: Any, k: int, banned: list[list[int]]) -> Any:
+        """Per query (B, N, d), the candidate ids (B, N, k) of the ``k`` highest
+        ``query · row``; ``banned[b]``: ids that row b may not take."""
         torch = self.torch
-        b, n, d = prompt.shape
-        query = prompt / prompt.norm(dim=2, keepdim=True).clamp_min(1e-12)
-        flat = query.reshape(b * n, d)
+        b, n, d = queries.shape
+        flat = queries.reshape(b * n, d)
         cols = [(r, self.where[t]) for r, ids in enumerate(banned) for t in ids
                 if t in self.where]
-        size = len(self.ids)
         chunk = max(1024, SIM_CELLS // max(1, b * n))
-        best = torch.full((b * n,), -math.inf, device=prompt.device)
-        arg = torch.zeros(b * n, dtype=torch.long, device=prompt.device)
-        for start in range(0, size, chunk):
-            sims = (flat @ self.unit[start:start + chunk].T).view(b, n, -1)
-            for r, k in cols:
-                if start <= k < start + sims.shape[2]:
-                    sims[r, :, k - start] = -math.inf
-            value, index = sims.reshape(b * n, -1).max(dim=1)
-            higher = value > best
-            arg = torch.where(higher, index + start, arg)
-            best = torch.maximum(best, value)
-        return self.ids[arg].view(b, n)
+        best_v = torch.full((b * n, 0), -math.inf, device=queries.device)
+        best_i = torch.zeros((b * n, 0), dtype=torch.long, device=queries.device)
+        for start in range(0, len(self.ids), chunk):
+            sims = (flat @ matrix[start:start + chunk].T).view(b, n, -1)
+            for r, c in cols:
+                if start <= c < start + sims.shape[2]:
+                    sims[r, :, c - start] = -math.inf
+            value, index = sims.reshape(b * n, -1).topk(min(k, sims.shape[2]), dim=1)
+            best_v = torch.cat([best_v, value], dim=1)
+            best_i = torch.cat([best_i, index + start], dim=1)
+            if best_v.shape[1] > k:
+                best_v, keep = best_v.topk(k, dim=1)
+                best_i = best_i.gather(1, keep)
+        return self.ids[best_i].view(b, n, -1)
+
+    def nearest(self, prompt: Any, banned: list[list[int]]) -> Any:
+        """The nearest allowed token (B, N) to each position of ``prompt`` (B, N, d)."""
+        unit = prompt / prompt.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        return self._top(unit, self.unit, 1, banned)[:, :, 0]
+
+    def descents(self, grad: Any, k: int, banned: list[list[int]]) -> Any:
+        """Per position, the ``k`` tokens (B, N, k) along whose embedding the loss falls
+        fastest to first order (the most negative ``grad · row``)."""
+        return self._top(-grad, self.rows, k, banned)
+
+
+class _Batch:
+    """The model run on a batch of prompts: ``[BOS] + prompt + target[:-1]``, reading the
+    target's log-probability (summed over its tokens) after the prompt."""
+
+    def __init__(self, torch: Any, model: Any, bos: list[int], targets: Any,
+                 n_pos: int) -> None:
+        self.torch, self.model = torch, model
+        emb = model.embeddings
+        self.emb = emb
+        self.bos = emb[torch.tensor(bos, dtype=torch.long, device=emb.device)] if bos else None
+        self.targets = targets  # (B, T)
+        self.tail = emb[targets[:, :-1]]  # teacher forcing: the target's tokens but the last
+        self.reads = len(bos) + n_pos - 1 + torch.arange(targets.shape[1], device=emb.device)
+
+    def logp(self, prompt: Any, rows: Any) -> Any:
+        """log p(target) (len(rows),) after ``prompt`` (len(rows), N, d), for batch rows
+        ``rows``."""
+        torch = self.torch
+        parts = [prompt]
+        if self.bos is not None:
+            parts.insert(0, self.bos.expand(len(rows), -1, -1))
+        if self.targets.shape[1] > 1:
+            parts.append(self.tail[rows])
+        hidden = self.model.hidden(torch.cat(parts, dim=1))
+        logp = torch.log_softmax(self.model.logits(hidden[:, self.reads]), dim=-1)
+        return logp.gather(2, self.targets[rows][:, :, None]).squeeze(2).sum(dim=1)
+
+    def logp_ids(self, ids: Any, rows: Any) -> Any:
+        """``logp`` of token prompts (len(rows), N), without gradients, in chunks."""
+        torch = self.torch
+        size = max(1, LOGIT_CELLS // (self.emb.shape[0] * self.targets.shape[1]))
+        with torch.no_grad():
+            return torch.cat([self.logp(self.emb[ids[i:i + size]], rows[i:i + size])
+                              for i in range(0, len(ids), size)])
 
 
 def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.ndarray,
@@ -199,47 +256,44 @@ def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.
     t0 = time.perf_counter()
     emb = model.embeddings
     dev = emb.device
-    n_rows, n_pos, n_tgt = len(rows), options.positions, len(rows[0].target)
-    project = _Projector(torch, emb, candidates)
+    n_rows, n_pos = len(rows), options.positions
+    vocab = _Candidates(torch, emb, candidates)
     banned = [[] if options.allow_target else sorted(set(r.target)) for r in rows]
     start_ids = torch.stack([_start(torch, r.seed, candidates, n_pos) for r in rows]).to(dev)
     prompt = emb[start_ids].clone().requires_grad_(True)
     optimiser = torch.optim.Adam([prompt], lr=options.lr)
-    targets = torch.tensor([r.target for r in rows], dtype=torch.long, device=dev)
-    bos_emb = emb[torch.tensor(bos, dtype=torch.long, device=dev)] if bos else None
-    tgt_emb = emb[targets[:, :-1]]  # teacher forcing: the target's own tokens but the last
-    reads = len(bos) + n_pos - 1 + torch.arange(n_tgt, device=dev)
+    batch = _Batch(torch, model, bos, torch.tensor([r.target for r in rows],
+                                                   dtype=torch.long, device=dev), n_pos)
     groups = [r.group if r.group is not None else -1 - i for i, r in enumerate(rows)]
     best_p = np.full(n_rows, -1.0)
     best_ids = start_ids.cpu().numpy().copy()
     steps_run = np.zeros(n_rows, dtype=np.int64)
     traces: list[list[float]] = [[] for _ in rows]
     active = np.ones(n_rows, dtype=bool)
+    n_swaps = options.swaps
     for _ in range(options.steps):
         live = np.flatnonzero(active)
         if len(live) == 0:
             break
         rows_t = torch.as_tensor(live, device=dev)
         cont = prompt[rows_t]
+        live_banned = [banned[i] for i in live]
         with torch.no_grad():
-            ids = project(cont.detach(), [banned[i] for i in live])
+            ids = vocab.nearest(cont.detach(), live_banned)
         hard = emb[ids]
         straight = cont + (hard - cont).detach()  # forward on the tokens, gradient to P
-        parts = [straight]
-        if bos_emb is not None:
-            parts.insert(0, bos_emb.expand(len(live), -1, -1))
-        if n_tgt > 1:
-            parts.append(tgt_emb[rows_t])
-        hidden = model.hidden(torch.cat(parts, dim=1))
-        logp = torch.log_softmax(model.logits(hidden[:, reads]), dim=-1)
-        nll = -logp.gather(2, targets[rows_t][:, :, None]).squeeze(2).sum(dim=1)
+        straight.retain_grad()  # its gradient: the loss's at the projected prompt
+        logp = batch.logp(straight, rows_t)
         dist = ((cont - hard.detach()) ** 2).sum(dim=2).mean(dim=1)
-        loss = (nll + options.reg * dist).sum()
+        loss = (options.reg * dist - logp).sum()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        p = torch.exp(-nll.detach()).cpu().numpy()
+        p = logp.detach().exp().cpu().numpy()
         ids_np = ids.cpu().numpy()
+        if n_swaps:
+            ids_np, p = _swap(torch, vocab, batch, prompt, live, rows_t, ids, p,
+                              straight.grad, n_swaps, live_banned)
         steps_run[live] += 1
         better = p > best_p[live]
         best_p[live[better]] = p[better]
@@ -253,12 +307,42 @@ def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.
                 active[i] = False
         progress(1)
     with torch.no_grad():  # the projection where each row's optimisation ended
-        final_ids = project(prompt.detach(), banned).cpu().numpy()
+        final_ids = vocab.nearest(prompt.detach(), banned).cpu().numpy()
     wall = time.perf_counter() - t0
     share = steps_run / max(1, int(steps_run.sum()))
     return [Elicited(r, best_ids[i].tolist(), float(best_p[i]), int(steps_run[i]),
                      float(wall * share[i]), traces[i]) for i, r in enumerate(rows)], \
         final_ids.tolist()
+
+
+def _swap(torch: Any, vocab: _Candidates, batch: _Batch, prompt: Any, live: np.ndarray,
+          rows_t: Any, ids: Any, p: np.ndarray, grad: Any, n_swaps: int,
+          banned: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Try ``n_swaps`` one-token changes of each live row's projected prompt ``ids``, the
+    ones the gradient ranks best; where the best beats the projected prompt (probability
+    ``p``), take it (``P`` jumps to the token there). Returns each row's prompt and its
+    probability after the swap step."""
+    n_live, n_pos = ids.shape
+    per_pos = -(-n_swaps // n_pos)
+    with torch.no_grad():
+        ranked = vocab.descents(grad, per_pos, banned)  # (L, N, per_pos)
+        pos = torch.arange(n_swaps, device=ids.device) % n_pos
+        rank = torch.arange(n_swaps, device=ids.device) // n_pos
+        tokens = ranked[:, pos, rank]  # (L, K)
+        tried = ids[:, None, :].repeat(1, n_swaps, 1)
+        tried[:, torch.arange(n_swaps), pos] = tokens
+        q = batch.logp_ids(tried.reshape(n_live * n_swaps, n_pos),
+                           rows_t.repeat_interleave(n_swaps)).exp().view(n_live, n_swaps)
+        q_best, k_best = q.max(dim=1)
+        q_best, k_best = q_best.cpu().numpy(), k_best.cpu().numpy()
+        ids_np, p = ids.cpu().numpy(), p.copy()
+        for j in np.flatnonzero(q_best > p):
+            k = int(k_best[j])
+            at, token = int(pos[k]), int(tokens[j, k])
+            ids_np[j, at] = token
+            p[j] = q_best[j]
+            prompt[int(live[j]), at] = vocab.rows[vocab.where[token]]
+    return ids_np, p
 
 
 def _start(torch: Any, seed: int, candidates: np.ndarray, n: int) -> Any:
