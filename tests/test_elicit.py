@@ -294,7 +294,7 @@ def test_smollm2_a_collapsed_special_token_stays_unspeakable(smollm2, smollm2_ca
     from harness.elicitation import ElicitOptions, ElicitRow, elicit
 
     emb = smollm2.input_embeddings()
-    assert np.abs(emb[7] - emb[8]).max() < 1e-3  # collapsed onto one row
+    assert np.abs(emb[7] - emb[8]).max() < 5e-3  # collapsed onto one row (up to Q4 noise)
     found = elicit(smollm2, [ElicitRow([7], seed=s) for s in (0, 1)], smollm2_candidates,
                    ElicitOptions(positions=8, steps=20, swaps=16, stop_at=0.02))
     assert max(f.probability for f in found) < 0.01
@@ -327,3 +327,29 @@ def test_smollm2_llamacpp_backend_has_no_gradients(cli):
     code, out, err = cli("elicit", f"llamacpp:{smollm2_gguf()}", " Paris")
     assert code == 2
     assert "backend 'llamacpp' has no gradients" in err and "Traceback" not in err
+
+
+def test_report_shows_the_elicitations_of_the_glitch_tokens(cli, tiny_model_dir, db_url,
+                                                            tmp_path):
+    import html
+
+    tokens = ",".join(map(str, TOKENS[:3]))
+    assert cli("scan", str(tiny_model_dir), "-d", "repeat-probe", "--tokens", tokens,
+               "-o", "repeat-probe.threshold=1.0")[0] == 0
+    page = tmp_path / "r.html"
+    assert cli("report", str(tiny_model_dir), "-o", str(page))[0] == 0
+    assert "best optimised prompt" not in page.read_text()  # nothing elicited yet
+    assert cli("scan", str(tiny_model_dir), "-d", "elicit", "--tokens", "glitch",
+               "-o", "elicit.steps=2", "-o", "elicit.positions=2")[0] == 0
+    assert cli("elicit", str(tiny_model_dir), "9", "--ids", "--steps", "2",
+               "--positions", "2", "--restarts", "1")[0] == 0  # not a glitch token: not shown
+    assert cli("report", str(tiny_model_dir), "-o", str(page))[0] == 0
+    text = page.read_text()
+    assert "best optimised prompt (elicitation)" in text
+    assert "3 of them have an optimised prompt" in text
+    best = rows(db_url, "SELECT target_ids, prompt_text, prompt_ids FROM elicitations "
+                        "WHERE run_id IS NOT NULL ORDER BY id")
+    assert len(best) == 3
+    for _, prompt, ids in best:
+        assert html.escape(repr(prompt), quote=True) in text
+        assert "ids " + " ".join(map(str, json.loads(ids))) in text

@@ -65,6 +65,8 @@ class TokenRow:
     repeat_prob: float | None
     flagged_by: list[str]
     evidence: dict[str, Any]
+    # the most probable stored elicitation of the token alone (harness elicit, elicit)
+    elicitation: store.StoredElicitation | None = None
 
 
 @dataclass
@@ -188,6 +190,8 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
         if evidence_runs and shown:  # each token's latest verifier finding
             evidence = {t: _json(ev) for t, ev in store.latest_evidence(
                 conn, evidence_runs, [f.token_id for f in shown]).items()}
+        elicited = store.best_token_elicitations(conn, rep.model_id,
+                                                 [f.token_id for f in shown])
     flagged_by = {}
     for det, run in rep.runs.items():
         for t in run.token_ids[np.isin(run.verdicts, FLAGGED)].tolist():
@@ -203,7 +207,7 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
             verdict = f.verdicts[0]
         rep.rows.append(TokenRow(f.token_id, f.text, f.raw, f.category, verdict,
                                  None if score is None else float(score), by,
-                                 evidence.get(f.token_id, {})))
+                                 evidence.get(f.token_id, {}), elicited.get(f.token_id)))
 
 
 def _json(value: str | None) -> dict:
