@@ -460,6 +460,128 @@ def cmd_report(
     print(f"wrote {output} ({len(page) / 1024:,.0f} KiB)")
 
 
+def _open_inputs(files: list[str]) -> list[tuple[str, Any]]:
+    """(name, binary stream) of each input; ``-`` (or none given) is standard input."""
+    streams = []
+    for f in files or ["-"]:
+        if f == "-":
+            streams.append(("<stdin>", sys.stdin.buffer))
+            continue
+        path = Path(f)
+        if path.is_dir():
+            raise HarnessError(f"{f} is a folder; give files")
+        try:
+            streams.append((f, path.open("rb")))
+        except OSError as exc:
+            raise HarnessError(f"cannot read {f}: {exc.strerror or exc}") from None
+    return streams
+
+
+def cmd_check(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias, reference or "
+                                              "fingerprint.")],
+    files: Annotated[list[str] | None, typer.Argument(
+        help="Text files (or JSON lines with --field); none or - reads standard input.")]
+    = None,
+    field: Annotated[str | None, typer.Option(
+        "--field", help="Read JSON lines and check this field's string (a.b for nested "
+                        "objects).")] = None,
+    suspect: Annotated[bool, typer.Option(
+        "--suspect", help="Report tokens whose final verdict is suspect too.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per finding and line; the summary goes to "
+                       "stderr.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Find MODEL's glitch tokens in text, tokenized with the model's own tokenizer (no
+    weights are loaded). Each finding: FILE:LINE:COLUMN (1-based line and character column;
+    for JSON lines FILE:LINE and the 0-based character offset in the field), the token and
+    its final verdict; then the count per token. Exit status 1 when a glitch token (or, with
+    --suspect, a suspect one) was found, else 2 when an input or line could not be read (it
+    is named on stderr and skipped), else 0."""
+    import time
+    from collections import Counter
+
+    from harness.check import BadInput, check_json_lines, check_text, open_checker
+
+    engine = open_db(_db_url(db))
+    inputs = _open_inputs(files or [])
+    checker = open_checker(engine, model, include_suspect=suspect)
+    counts: Counter[int] = Counter()
+    bad = 0
+    t0 = time.perf_counter()
+    write = sys.stdout.write
+    try:
+        for name, stream in inputs:
+            events = check_json_lines(checker, name, stream, field) if field else \
+                check_text(checker, name, stream)
+            for ev in events:
+                if isinstance(ev, BadInput):
+                    bad += 1
+                    err.print(f"[yellow]skipped:[/] {escape(str(ev))}", highlight=False,
+                              soft_wrap=True)
+                    continue
+                counts[ev.token_id] += 1
+                if as_json:
+                    write(json.dumps(ev.as_dict(), ensure_ascii=False) + "\n")
+                else:
+                    where = f"{ev.column}" if ev.field is None else \
+                        f" {ev.field}+{ev.offset}"
+                    write(f"{ev.source}:{ev.line}:{where}: {ev.verdict} {ev.token_id} "
+                          f"{token_repr(ev.token)}\n")
+            if stream is not sys.stdin.buffer:
+                stream.close()
+    finally:
+        checker.close()
+    wall = time.perf_counter() - t0
+    found = sum(counts.values())
+    kinds = "glitch or suspect" if suspect else "glitch"
+    lines = [f"{checker.model}: {found:,} {kinds} token occurrence{'s' if found != 1 else ''}"
+             f" of {len(counts)} token{'s' if len(counts) != 1 else ''} in {len(inputs)} "
+             f"input{'s' if len(inputs) != 1 else ''} ({wall:.1f} s)"
+             + (f"; {bad} unreadable line{'s' if bad != 1 else ''} skipped" if bad else "")]
+    for t, n in counts.most_common():
+        lines.append(f"  {n:>8,}  {t:>7} {checker.verdicts[t]:<7} "
+                     f"{token_repr(checker.texts[t])}")
+    summary = "\n".join(lines) + "\n"
+    if as_json:
+        sys.stderr.write(summary)
+    else:
+        write(summary)
+    if found:
+        raise typer.Exit(1)
+    if bad:
+        raise typer.Exit(2)
+
+
+def cmd_export(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias, reference or "
+                                              "fingerprint.")],
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="text (one token a line), json (ids, text, evidence), "
+                               "logit-bias (OpenAI-style logit_bias object, ids to -100) or "
+                               "llamacpp (--logit-bias ID-inf arguments).")] = "text",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write to this file instead of standard output.")] = None,
+    suspect: Annotated[bool, typer.Option(
+        "--include-suspect", help="Export tokens whose final verdict is suspect too.")]
+    = False,
+    db: DbOption = None,
+) -> None:
+    """Export MODEL's glitch tokens (its latest final verdicts) as a block list."""
+    from harness.export import FORMATS, load_export, render
+
+    if fmt not in FORMATS:
+        raise HarnessError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        raise HarnessError(f"cannot write {output}: give a file in an existing folder")
+    page = render(load_export(open_db(_db_url(db)), model, include_suspect=suspect), fmt)
+    if output is None:
+        sys.stdout.write(page)
+    else:
+        output.write_text(page, encoding="utf-8")
+
+
 def cmd_db_path(db: DbOption = None) -> None:
     """Print where the results database is."""
     print(paths.display_url(_db_url(db)))
@@ -476,6 +598,8 @@ def build_app() -> typer.Typer:
     app.command("plugins")(cmd_plugins)
     app.command("sql")(cmd_sql)
     app.command("report")(cmd_report)
+    app.command("check")(cmd_check)
+    app.command("export")(cmd_export)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)
     app.add_typer(db_app, name="db")
@@ -533,7 +657,9 @@ def main(argv: list[str] | None = None) -> None:
     usage line) and exit 2, never a traceback."""
     try:
         app = build_app()
-        app(args=argv, prog_name="harness", standalone_mode=False)
+        code = app(args=argv, prog_name="harness", standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit(code), returned by click
+            sys.exit(code)
     except HarnessError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

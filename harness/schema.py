@@ -180,3 +180,19 @@ class TokenCluster(Base):
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     cluster: Mapped[int] = mapped_column(Integer, nullable=False)
     distance: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class TokenFacts(Base):
+    """The tokenizer-structure facts of one token, computed at the end of a scan for its
+    glitch and suspect tokens (``verdict_run_id``: the final verdict they were computed
+    for): the longer tokens that contain it, what its text alone encodes to, and its nearest
+    neighbours in input-embedding space (JSON; see ``harness.token_structure``)."""
+
+    __tablename__ = "token_facts"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    verdict_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"),
+                                                nullable=False)
+    facts_json: Mapped[str] = mapped_column(Text, nullable=False)

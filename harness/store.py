@@ -20,7 +20,7 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from harness.schema import FindingRow, Model, Run, RunBlock, Token
+from harness.schema import FindingRow, Model, Run, RunBlock, Token, TokenFacts
 from harness.verdicts import FINAL, FLAGGED, GLITCH
 
 MODELS = Model.__table__
@@ -28,6 +28,7 @@ TOKENS = Token.__table__
 RUNS = Run.__table__
 FINDINGS = FindingRow.__table__
 BLOCKS = RunBlock.__table__
+FACTS = TokenFacts.__table__
 
 INSERT_BATCH = 20_000  # rows per executemany: bounds the memory of one call
 RUNS_LOCK = 0x6C17C5  # PostgreSQL advisory lock class of finding-or-creating a model's runs
@@ -608,3 +609,105 @@ def examined_in_range(conn: Connection, run_id: int, first: int, last: int) -> n
         FINDINGS.c.run_id == run_id, FINDINGS.c.token_id.between(first, last))
         .order_by(FINDINGS.c.token_id)).scalars().all()
     return np.asarray(ids, dtype=np.int64)
+
+
+# --- putting results to work: check, export, show, token facts (issue 14) -------------------
+
+
+def model_source(conn: Connection, model_id: int) -> tuple[str, str, dict[str, Any]]:
+    """(reference, backend, metadata) of a stored model: what rebuilds its tokenizer."""
+    row = conn.execute(select(MODELS.c.ref, MODELS.c.backend, MODELS.c.meta_json)
+                       .where(MODELS.c.id == model_id)).one()
+    return row.ref, row.backend, json.loads(row.meta_json or "{}")
+
+
+@dataclass
+class VerdictToken:
+    """One token with its final verdict: id, exact bytes, text, category, verdict, the
+    verifier's score (the repeat probability) and the verdict's evidence."""
+
+    token_id: int
+    raw: bytes
+    text: str
+    category: str
+    verdict: str
+    score: float | None
+    evidence_json: str
+
+
+def tokens_with_final_verdict(conn: Connection, model_id: int, run_id: int,
+                              verdicts: Sequence[str]) -> list[VerdictToken]:
+    """The tokens whose final verdict (of the ``verdict`` run ``run_id``) is one of
+    ``verdicts``, by token id."""
+    rows = conn.execute(
+        select(FINDINGS.c.token_id, TOKENS.c.raw, TOKENS.c.text, TOKENS.c.category,
+               FINDINGS.c.verdict, FINDINGS.c.score, FINDINGS.c.evidence_json)
+        .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                           TOKENS.c.token_id == FINDINGS.c.token_id))
+        .where(FINDINGS.c.run_id == run_id, FINDINGS.c.verdict.in_(list(verdicts)))
+        .order_by(FINDINGS.c.token_id))
+    return [VerdictToken(int(t), bytes(r), x, c, v, s, e) for t, r, x, c, v, s, e in rows]
+
+
+def token_row(conn: Connection, model_id: int, token_id: int
+              ) -> tuple[bytes, str, str, str | None] | None:
+    """(raw bytes, text, category, attribute) of one stored token, or None."""
+    row = conn.execute(select(TOKENS.c.raw, TOKENS.c.text, TOKENS.c.category, TOKENS.c.attr)
+                       .where(TOKENS.c.model_id == model_id,
+                              TOKENS.c.token_id == token_id)).first()
+    return None if row is None else (bytes(row.raw), row.text, row.category, row.attr)
+
+
+def token_ids_by_text(conn: Connection, model_id: int, text: str) -> list[int]:
+    """The ids of the model's tokens whose text is ``text``."""
+    return [int(t) for t in conn.execute(
+        select(TOKENS.c.token_id).where(TOKENS.c.model_id == model_id,
+                                        TOKENS.c.text == _text_for(conn, text))
+        .order_by(TOKENS.c.token_id)).scalars()]
+
+
+@dataclass
+class TokenFinding:
+    """One finding of one token in one run, with the run it belongs to."""
+
+    run_id: int
+    detector: str
+    status: str
+    finished_utc: datetime | None
+    score: float | None
+    verdict: str
+    evidence_json: str
+
+
+def findings_of_token(conn: Connection, model_id: int, token_id: int) -> list[TokenFinding]:
+    """Every finding of one token in every run on the model, oldest run first."""
+    rows = conn.execute(
+        select(RUNS.c.id, RUNS.c.detector, RUNS.c.status, RUNS.c.finished_utc,
+               FINDINGS.c.score, FINDINGS.c.verdict, FINDINGS.c.evidence_json)
+        .join(FINDINGS, FINDINGS.c.run_id == RUNS.c.id)
+        .where(RUNS.c.model_id == model_id, FINDINGS.c.token_id == token_id)
+        .order_by(RUNS.c.id))
+    return [TokenFinding(int(r), d, st, f, s, v, e) for r, d, st, f, s, v, e in rows]
+
+
+def replace_token_facts(conn: Connection, model_id: int, verdict_run_id: int,
+                        facts: dict[int, str]) -> None:
+    """Store the model's token facts (JSON texts by token id) for a final-verdict run, in
+    place of those stored before."""
+    conn.execute(delete(FACTS).where(FACTS.c.model_id == model_id))
+    rows = [(model_id, int(t), verdict_run_id, f) for t, f in sorted(facts.items())]
+    _bulk_insert(conn, FACTS, rows, ignore_duplicates=False)
+
+
+def token_facts(conn: Connection, model_id: int, token_ids: Sequence[int] | None = None
+                ) -> dict[int, str]:
+    """The stored facts (JSON text) of the model's tokens, of ``token_ids`` or of all."""
+    q = select(FACTS.c.token_id, FACTS.c.facts_json).where(FACTS.c.model_id == model_id)
+    if token_ids is None:
+        return {int(t): f for t, f in conn.execute(q)}
+    found: dict[int, str] = {}
+    ids = [int(t) for t in token_ids]
+    for i in range(0, len(ids), 500):
+        found.update({int(t): f for t, f in conn.execute(
+            q.where(FACTS.c.token_id.in_(ids[i:i + 500])))})
+    return found

@@ -1,0 +1,212 @@
+"""Where a set of tokens occurs in text, as the model's own tokenizer splits it.
+
+``TokenFinder.find(texts)`` tokenizes a batch of texts and returns every position where one
+of the watched tokens (a model's glitch tokens) is produced, as a character offset.
+
+Two things keep it fast without changing the result:
+
+- A token can only be produced where its bytes occur in the text, when the tokenizer's
+  tokens spell the text exactly (byte-level BPE, tiktoken, llama.cpp; checked at setup on
+  a sample). So only the pieces of text around such occurrences are tokenized (the
+  *prefilter*); a token that is not valid UTF-8 on its own (a piece of a character) counts
+  as occurring at every non-ASCII character.
+- Text is cut into pieces at line starts that begin with a printable ASCII character (a
+  newline followed by one of ``!``..``~``). No token of the vocabulary contains such a newline
+  (checked at setup; where one does, texts are not cut), so no token crosses the cut and the
+  pieces tokenize exactly as the whole text does. Contiguous pieces are tokenized together
+  in groups of up to 64 KiB, one batch call for all of them.
+
+Every tokenized id is tested with one ``np.isin``; character offsets are computed only for
+the hits, from the stored byte lengths of the tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.tokenizers import Tokenizer
+
+CUT = re.compile(r"\n(?=[!-~])")  # a newline before a printable ASCII character
+CUT_BYTES = re.compile(rb"\n[!-~]")
+GROUP_CHARS = 1 << 16  # characters per tokenized group of contiguous pieces
+NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+SAMPLE = "Hello wörld, naïve café 1995!\n  x = f('y')  \n\n\tZ 🙂 end\n"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One occurrence of a watched token: the text (its index in the batch), the character
+    offset in it where the token starts (0-based; a token that starts inside a character,
+    a piece of its UTF-8 bytes, is placed at that character) and the token id."""
+
+    text: int
+    offset: int
+    token_id: int
+
+
+class TokenFinder:
+    """Finds the tokens ``watch`` in texts; ``raw`` is every token's exact bytes, by id (the
+    stored vocabulary)."""
+
+    def __init__(self, tokenizer: Tokenizer, raw: Sequence[bytes], watch: Sequence[int],
+                 prefilter: bool = True) -> None:
+        self.tok = tokenizer
+        self.raw = raw
+        self.raw_len = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        self.watch = np.unique(np.asarray(watch, dtype=np.int64))
+        self.exact = self._spells_text()
+        self.cuttable = CUT_BYTES.search(b"\x00".join(raw)) is None
+        self.keys: list[str] = []
+        self.any_non_ascii = False
+        for t in self.watch.tolist():
+            try:
+                text = raw[t].decode("utf-8")
+            except UnicodeDecodeError:
+                self.any_non_ascii = True
+                continue
+            key = text.lstrip(" ") or text  # a tokenizer may fold a space into a token
+            if key:
+                self.keys.append(key)
+        self.keys = sorted(set(self.keys))
+        self.prefilter = prefilter and self.exact
+
+    def _spells_text(self) -> bool:
+        """Whether the tokens of a sample text spell it exactly, byte for byte."""
+        ids = self.tok.encode(SAMPLE)
+        if any(not 0 <= i < len(self.raw) for i in ids):
+            return False
+        return b"".join(self.raw[i] for i in ids) == SAMPLE.encode("utf-8")
+
+    # --- which pieces of text to tokenize ---------------------------------------------------
+
+    def _piece_start(self, big: str, pos: int, low: int) -> int:
+        while True:
+            j = big.rfind("\n", low, pos)
+            if j < 0:
+                return low
+            if "!" <= big[j + 1] <= "~":
+                return j + 1
+            pos = j
+
+    def _piece_end(self, big: str, end: int, high: int) -> int:
+        m = CUT.search(big, max(end - 1, 0), high)
+        return high if m is None else m.start() + 1
+
+    def _candidates(self, big: str) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end of every occurrence of a watched token's text in ``big``, sorted."""
+        starts: list[int] = []
+        ends: list[int] = []
+        for key in self.keys:
+            n = len(key)
+            i = big.find(key)
+            while i != -1:
+                starts.append(i)
+                ends.append(i + n)
+                i = big.find(key, i + 1)
+        if self.any_non_ascii:
+            for m in NON_ASCII.finditer(big):
+                starts.append(m.start())
+                ends.append(m.end())
+        s = np.asarray(starts, dtype=np.int64)
+        e = np.asarray(ends, dtype=np.int64)
+        order = np.argsort(s, kind="stable")
+        return s[order], e[order]
+
+    def _ranges(self, big: str, bounds: np.ndarray) -> list[tuple[int, int]]:
+        """The pieces of ``big`` to tokenize, sorted, not overlapping; none crosses a text
+        boundary in ``bounds`` (the texts' start offsets and the end)."""
+        ranges: list[tuple[int, int]] = []
+        if self.prefilter:
+            starts, ends = self._candidates(big)
+            units = np.searchsorted(bounds, starts, side="right") - 1
+            last_end = -1
+            for p, e, u in zip(starts.tolist(), ends.tolist(), units.tolist(), strict=True):
+                if e <= last_end:
+                    continue  # inside the piece just taken
+                lo, hi = int(bounds[u]), int(bounds[u + 1])
+                e = min(e, hi)
+                if self.cuttable:
+                    a, b = self._piece_start(big, p, lo), self._piece_end(big, e, hi)
+                else:
+                    a, b = lo, hi
+                if ranges and a < ranges[-1][1]:
+                    a = ranges[-1][0]
+                    ranges.pop()
+                ranges.append((a, b))
+                last_end = b
+        else:
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                a = lo
+                while a < hi:
+                    b = min(a + GROUP_CHARS, hi)
+                    if b < hi and self.cuttable:
+                        b = self._piece_end(big, b, hi)
+                    elif b < hi:
+                        b = hi
+                    ranges.append((a, b))
+                    a = b
+        return self._grouped(ranges, bounds)
+
+    def _grouped(self, ranges: list[tuple[int, int]], bounds: np.ndarray
+                 ) -> list[tuple[int, int]]:
+        """Contiguous pieces of one text joined, up to ``GROUP_CHARS`` a group."""
+        if not self.cuttable:
+            return ranges
+        grouped: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if grouped and grouped[-1][1] == a and b - grouped[-1][0] <= GROUP_CHARS and \
+                    np.searchsorted(bounds, a, side="right") == \
+                    np.searchsorted(bounds, grouped[-1][0], side="right"):
+                grouped[-1] = (grouped[-1][0], b)
+            else:
+                grouped.append((a, b))
+        return grouped
+
+    # --- tokenize and look ------------------------------------------------------------------
+
+    def find(self, texts: Sequence[str]) -> list[Hit]:
+        """Every occurrence of a watched token in ``texts``, by text and offset."""
+        if not texts or not len(self.watch):
+            return []
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        big = "".join(texts)
+        ranges = self._ranges(big, bounds)
+        if not ranges:
+            return []
+        pieces = [big[a:b] for a, b in ranges]
+        encoded = self.tok.encode_arrays(pieces)
+        counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        flat = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
+        hit = np.flatnonzero(np.isin(flat, self.watch))
+        if not len(hit):
+            return []
+        firsts = np.concatenate([[0], np.cumsum(counts)])
+        which = np.searchsorted(firsts, hit, side="right") - 1
+        hits: list[Hit] = []
+        for r in np.unique(which).tolist():
+            ids = encoded[r]
+            at = hit[which == r] - firsts[r]
+            offsets = self._char_offsets(pieces[r], ids, at)
+            a = ranges[r][0]
+            unit = int(np.searchsorted(bounds, a, side="right") - 1)
+            base = a - int(bounds[unit])
+            hits.extend(Hit(unit, base + o, int(ids[k]))
+                        for k, o in zip(at.tolist(), offsets, strict=True))
+        return hits
+
+    def _char_offsets(self, piece: str, ids: np.ndarray, at: np.ndarray) -> list[int]:
+        """Character offsets in ``piece`` of the tokens at positions ``at`` of ``ids``."""
+        data = piece.encode("utf-8")
+        lens = self.raw_len[ids]
+        if int(lens.sum()) != len(data):  # tokens that do not spell the text: decode
+            return [len(self.tok.decode(ids[:k].tolist())) for k in at.tolist()]
+        starts = (np.cumsum(lens) - lens)[at]
+        cont = (np.frombuffer(data, dtype=np.uint8) & 0xC0) == 0x80
+        n_cont = np.concatenate([[0], np.cumsum(cont)])
+        inside = np.append(cont, False)[starts]  # a token that starts inside a character
+        return (starts - n_cont[starts] - inside).tolist()
