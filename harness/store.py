@@ -711,3 +711,10 @@ def token_facts(conn: Connection, model_id: int, token_ids: Sequence[int] | None
         found.update({int(t): f for t, f in conn.execute(
             q.where(FACTS.c.token_id.in_(ids[i:i + 500])))})
     return found
+
+
+def facts_verdict_run(conn: Connection, model_id: int) -> int | None:
+    """The final-verdict run the model's stored token facts were computed for, or None."""
+    run_id = conn.execute(select(func.max(FACTS.c.verdict_run_id))
+                          .where(FACTS.c.model_id == model_id)).scalar()
+    return None if run_id is None else int(run_id)
