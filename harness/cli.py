@@ -582,6 +582,56 @@ def cmd_export(
         output.write_text(page, encoding="utf-8")
 
 
+def cmd_show(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias, reference or "
+                                              "fingerprint.")],
+    token: Annotated[str, typer.Argument(
+        help="A token id, or its exact text (in double quotes as a JSON string to keep "
+             "leading spaces: '\" the\"').")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    db: DbOption = None,
+) -> None:
+    """Everything stored about one token: its text and category, its final verdict, every
+    detector's findings for it in every run, and its tokenizer-structure facts (the longer
+    tokens that contain it, what its text alone tokenizes to, its nearest embedding
+    neighbours and their verdicts)."""
+    from harness.evaluate import find_model
+    from harness.stored_tokenizer import stored_model_tokenizer
+    from harness.token_info import describe_facts, load_token_info
+
+    engine = open_db(_db_url(db))
+    model_id, _ = find_model(engine, model)
+    try:  # what the text alone tokenizes to, where the tokenizer can be had without weights
+        tokenizer = stored_model_tokenizer(engine, model_id)
+    except HarnessError:
+        tokenizer = None
+    try:
+        info = load_token_info(engine, model, token, tokenizer)
+    finally:
+        if tokenizer is not None:
+            tokenizer.close()
+    if as_json:
+        sys.stdout.write(json.dumps(info.as_dict(), ensure_ascii=False, indent=2) + "\n")
+        return
+    out.print(f"[bold]{escape(info.model)}[/] token {info.token_id} "
+              f"{token_markup(info.text)}  raw {escape(repr(info.raw))}  category "
+              f"{escape(info.category)}" + (f" ({escape(info.attr)})" if info.attr else ""))
+    prob = "" if info.repeat_prob is None else f", repeat probability {info.repeat_prob:.3g}"
+    out.print(f"final verdict: {_styled(info.final or 'none (no verdict run)')}{prob}")
+    table = Table(title="Findings, every detector and run")
+    for c in ("run", "detector", "finished", "score", "verdict", "evidence"):
+        table.add_column(c, overflow="fold", justify="right" if c in ("run", "score") else
+                         "left")
+    for f in info.findings:
+        table.add_row(str(f.run_id), escape(f.detector), escape(f"{f.finished_utc:%Y-%m-%d %H:%M}"
+                      if f.finished_utc else f.status), "-" if f.score is None else
+                      f"{f.score:.4g}", _styled(f.verdict), escape(f.evidence_json or ""))
+    out.print(table)
+    out.print("[bold]structure[/]" + ("" if info.facts_stored else " (computed now)"))
+    for line in describe_facts(info):
+        out.print(f"  {escape(line)}", highlight=False)
+
+
 def cmd_db_path(db: DbOption = None) -> None:
     """Print where the results database is."""
     print(paths.display_url(_db_url(db)))
@@ -600,6 +650,7 @@ def build_app() -> typer.Typer:
     app.command("report")(cmd_report)
     app.command("check")(cmd_check)
     app.command("export")(cmd_export)
+    app.command("show")(cmd_show)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)
     app.add_typer(db_app, name="db")

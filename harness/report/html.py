@@ -181,6 +181,33 @@ def _evidence(ev: dict[str, Any]) -> str:
     return f"<ul class='ev'>{''.join(items)}</ul>{extra}"
 
 
+def _structure(rep: ModelReport, structure: dict[str, Any] | None) -> str:
+    """A token's structure facts as a collapsed block: the longer tokens that contain it,
+    whether its text alone reaches it, its embedding neighbours (linked to their rows)."""
+    if not structure:
+        return "<span class='meta'>–</span>"
+    inside = structure.get("contained_in", {})
+    n = inside.get("count", 0)
+    examples = ", ".join(token_html(x) for _, x in inside.get("examples", []))
+    items = [f"<li>inside {n:,} longer token{'s' if n != 1 else ''}"
+             + (f": {examples}" if examples else "") + "</li>"]
+    if "reachable_alone" in structure:
+        items.append("<li>its text alone tokenizes to it</li>" if structure["reachable_alone"]
+                     else "<li>its text alone tokenizes to other tokens"
+                     + (", reached only inside longer ones" if
+                        structure.get("only_inside_longer") else "") + "</li>")
+    if structure.get("neighbours"):
+        near = "; ".join(
+            f"<a href='#t{rep.model_id}-{nid}'>{token_html(text)}</a> "
+            f"<span class='v-{esc(verdict)}'>{esc(verdict or '–')}</span> "
+            f"<span class='meta'>{cos:.2f}</span>"
+            for nid, text, verdict, cos in structure["neighbours"])
+        items.append(f"<li>nearest embeddings: {near}</li>")
+    summary = f"in {n:,}" + (", not alone" if structure.get("reachable_alone") is False else "")
+    return f"<details><summary>{esc(summary)}</summary><ul class='ev'>{''.join(items)}</ul>" \
+           "</details>"
+
+
 def _token_table(rep: ModelReport) -> str:
     if rep.rows_kind == "none":
         what = "final verdict glitch or suspect" if rep.final is not None else "flagged"
@@ -198,11 +225,12 @@ def _token_table(rep: ModelReport) -> str:
     body = []
     for r in rep.rows:
         body.append(
-            f"<tr><td class='num'>{r.token_id}</td><td>{token_html(r.text, r.raw)}</td>"
+            f"<tr id='t{rep.model_id}-{r.token_id}'><td class='num'>{r.token_id}</td>"
+            f"<td>{token_html(r.text, r.raw)}</td>"
             f"<td>{esc(r.category)}</td><td class='v-{esc(r.verdict)}'>{esc(r.verdict)}</td>"
             f"<td class='num'>{_prob(r.repeat_prob)}</td>"
             f"<td>{esc(', '.join(r.flagged_by)) or '–'}</td><td>{_evidence(r.evidence)}</td>"
-            "</tr>")
+            f"<td>{_structure(rep, r.structure)}</td></tr>")
     more = ""
     if rep.rows_total > len(rep.rows):
         view = "glitch_tokens" if rep.rows_kind == GLITCH else "final_verdicts"
@@ -213,7 +241,8 @@ def _token_table(rep: ModelReport) -> str:
     return (f"<p>{intro}</p><table class='tokens' data-model-id='{rep.model_id}' "
             f"data-kind='{rep.rows_kind}'><thead><tr><th>id</th><th>token</th>"
             "<th>category</th><th>verdict</th><th>repeat prob.</th><th>flagged by</th>"
-            f"<th>evidence: {evidence} completion per prompt</th></tr></thead>"
+            f"<th>evidence: {evidence} completion per prompt</th>"
+            "<th>structure</th></tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>{more}")
 
 
