@@ -181,7 +181,7 @@ def check_json_lines(checker: Checker, source: str, stream: BinaryIO, field: str
         if not data.strip():
             continue
         try:
-            record = json.loads(data)
+            record = json.loads(data.rstrip(b"\r\n"))
         except UnicodeDecodeError:
             yield BadInput(source, number, "not UTF-8 text")
             continue
