@@ -186,7 +186,7 @@ def check_json_lines(checker: Checker, source: str, stream: BinaryIO, field: str
             yield BadInput(source, number, "not UTF-8 text")
             continue
         except json.JSONDecodeError as exc:
-            yield BadInput(source, number, f"not valid JSON: {exc.msg} at column {exc.colno}")
+            yield BadInput(source, number, f"not valid JSON: {exc.msg} (column {exc.colno})")
             continue
         value, why = _field(record, field)
         if value is None:

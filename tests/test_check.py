@@ -102,8 +102,8 @@ def test_check_json_lines_names_a_bad_line_and_goes_on(cli, tiny_scan, tmp_path)
                          "--db", str(db))
     assert code == 1
     skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
-    assert skipped == [f"skipped: {path}:2: not valid JSON: Expecting ',' delimiter at "
-                       "column 16",
+    assert skipped == [f"skipped: {path}:2: not valid JSON: Expecting ',' delimiter "
+                       "(column 16)",
                        f"skipped: {path}:3: field 'text' is int, not a string",
                        f"skipped: {path}:4: no field 'text'"]
     found = [(f["line"], f["field"], f["offset"], f["token_id"])
