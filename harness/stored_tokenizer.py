@@ -24,7 +24,7 @@ def stored_model_tokenizer(engine: Engine, model_id: int) -> Tokenizer:
                            f"plugin registers (known: {', '.join(sorted(reg.backends))})")
     target = ref.split(":", 1)[1] if ref.startswith(f"{backend}:") else ref
     tok = reg.backends[backend].offline_tokenizer(target, meta)
-    n = len(tok.vocab())
+    n = tok.n_tokens()
     if n > n_stored:
         tok.close()
         raise HarnessError(f"the tokenizer of {ref!r} has {n:,} tokens, the stored scan "

@@ -71,7 +71,11 @@ class TokenFinder:
             key = text.lstrip(" ") or text  # a tokenizer may fold a space into a token
             if key:
                 self.keys.append(key)
-        self.keys = sorted(set(self.keys))
+        # a key that holds a shorter key is found through it (the piece around an occurrence
+        # reaches the next cut, and no token crosses a cut)
+        keys = sorted(set(self.keys), key=len)
+        self.keys = [k for i, k in enumerate(keys)
+                     if not self.cuttable or not any(s in k for s in keys[:i])]
         self.prefilter = prefilter and self.exact
 
     def _spells_text(self) -> bool:

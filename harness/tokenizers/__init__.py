@@ -27,6 +27,10 @@ class Tokenizer(ABC):
     def vocab(self) -> Vocab:
         """Every token: id, raw bytes, display text, special flag."""
 
+    def n_tokens(self) -> int:
+        """How many tokens the tokenizer has (cheaper than ``vocab()`` where a library says)."""
+        return len(self.vocab())
+
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 

@@ -87,6 +87,9 @@ class HFTokenizer(Tokenizer):
             self._vocab = tokenizer_vocab(self.tok, self.n_rows)
         return self._vocab
 
+    def n_tokens(self) -> int:
+        return max(len(self.tok), self.n_rows or 0)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
