@@ -17,18 +17,16 @@ from tests.crafted_db import store_scan
 
 THE, C3, GL = 268, 128, 286  # ' the', the byte 0xC3 (half of 'ï' and 'é'), 'Gl'
 PLANTED = {THE: ("glitch", 0.0004), C3: ("glitch", 0.0001), GL: ("glitch", 0.002),
-           81: ("ok", 0.6)}  # 'q': probed, repeated
+           81: ("ok", 0.6), 299: ("suspect", 0.03)}  # 'q': repeated; 'fo': suspect
 
 
 @pytest.fixture
-def tiny_scan(tiny_model_dir, harness_home):
-    """A stored 'scan' of the tiny model: three glitch tokens, one ok, everything else ok
-    without a probe."""
-    db = harness_home / "check.db"
+def tiny_scan(tiny_model_dir, db_url):
+    """A stored 'scan' of the tiny model (on SQLite and on PostgreSQL): three glitch tokens,
+    one suspect, one ok, everything else ok without a probe."""
     tok = HFTokenizer.load(tiny_model_dir)
-    store_scan(open_db(f"sqlite:///{db}"), f"hf:{tiny_model_dir}", tok.vocab(), PLANTED,
-               alias="tiny")
-    return db, tok
+    store_scan(open_db(db_url), f"hf:{tiny_model_dir}", tok.vocab(), PLANTED, alias="tiny")
+    return db_url, tok
 
 
 def whole_text_hits(tok: HFTokenizer, text: str, watch: set[int]) -> list[tuple[int, int, int]]:
@@ -74,6 +72,12 @@ def test_check_reports_each_glitch_token_with_line_and_character_column(cli, tin
     assert 81 not in {f["token_id"] for f in found}  # ok tokens are not reported
     # the summary (stderr with --json) counts per token
     assert f"{len(got)} glitch token occurrences of 3 tokens in 1 input" in err
+    # --suspect: the suspect 'fo' of ' fox' too
+    code, out, _ = cli("check", "tiny", str(path), "--db", str(db), "--json", "--suspect")
+    extra = [json.loads(x) for x in out.splitlines()]
+    assert [(f["line"], f["token_id"], f["verdict"]) for f in extra
+            if f["token_id"] == 299] == [(1, 299, "suspect")]
+    assert len(extra) == len(got) + 1
     # the plain output: FILE:LINE:COLUMN, verdict, id, token
     code, out, _ = cli("check", "tiny", str(path), "--db", str(db))
     assert code == 1

@@ -89,14 +89,12 @@ def generate_only():
     plugins.unregister_plugin(generate_only)
 
 
-def test_black_box_scan_summary_shows_the_probed_tokens(cli, tiny_model_dir, db_url,
+def test_black_box_scan_summary_shows_the_probed_tokens(cli, tiny_model_dir, harness_home,
                                                        generate_only):
     """As a new user through a black-box backend: `--tokens` and the default detectors
     (static ones skipped); the table lists exactly the probed tokens, by final verdict."""
-    if db_url.startswith("postgresql"):
-        pytest.skip("the ranking reads the same store functions on both databases")
     code, out, err = cli("scan", str(tiny_model_dir), "--backend", "generate-only",
-                         "--tokens", "5,20,290")
+                         "--tokens", "5,20,290", "--db", str(harness_home / "bb.db"))
     assert code == 0, err
     rows = [re.split(r"\s*│\s*", line.strip("│ ")) for line in out.splitlines()
             if re.match(r"^│\s*\d+\s*│", line)]
