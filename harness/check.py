@@ -99,8 +99,9 @@ def open_checker(engine: Engine, model: str, include_suspect: bool = False) -> C
 
 
 def check_text(checker: Checker, source: str, stream: BinaryIO) -> Iterator[Finding | BadInput]:
-    """The findings in a plain-text input, read in blocks cut at line starts (where no token
-    crosses; the whole input at once when the vocabulary has a token that would)."""
+    """The findings in a plain-text input, read in blocks cut where the text tokenizes the
+    same whole and cut (``token_finder.CUT``; the whole input at once where the tokenizer
+    gives no such place)."""
     line = 1
     rest = b""
     cuttable = checker.finder.cuttable
@@ -131,14 +132,14 @@ def check_text(checker: Checker, source: str, stream: BinaryIO) -> Iterator[Find
 
 
 def _last_cut(data: bytes) -> int | None:
-    """The last line start in ``data`` that begins with a printable ASCII character (where
-    the text may be cut), or None."""
+    """The last place in ``data`` where the text may be cut (``token_finder.CUT``: after a
+    newline between two printable ASCII characters), or None."""
     end = len(data)
     while True:
         j = data.rfind(b"\n", 0, end)
-        if j < 0:
+        if j < 1:
             return None
-        if j + 1 < len(data) and 0x21 <= data[j + 1] <= 0x7E:
+        if j + 1 < len(data) and 0x21 <= data[j + 1] <= 0x7E and 0x21 <= data[j - 1] <= 0x7E:
             return j + 1
         end = j
 

@@ -10,10 +10,11 @@ Two things keep it fast without changing the result:
   a sample). So only the pieces of text around such occurrences are tokenized (the
   *prefilter*); a token that is not valid UTF-8 on its own (a piece of a character) counts
   as occurring at every non-ASCII character.
-- Text is cut into pieces at line starts that begin with a printable ASCII character (a
-  newline followed by one of ``!``..``~``). No token of the vocabulary contains such a newline
-  (checked at setup; where one does, texts are not cut), so no token crosses the cut and the
-  pieces tokenize exactly as the whole text does. Contiguous pieces are tokenized together
+- Text is cut into pieces after a newline that stands between two printable ASCII
+  characters (``!``..``~``): there GPT-2's, Llama 3's and SmolLM2's pre-tokenizers always
+  split, and no token of the vocabulary holds a newline followed by such a character (checked
+  at setup, with a sample tokenized whole and cut; where either fails, texts are not cut), so
+  the pieces tokenize exactly as the whole text does. Contiguous pieces are tokenized together
   in groups of up to 64 KiB, one batch call for all of them.
 
 Every tokenized id is tested with one ``np.isin``; character offsets are computed only for
@@ -30,8 +31,13 @@ import numpy as np
 
 from harness.tokenizers import Tokenizer
 
-CUT = re.compile(r"\n(?=[!-~])")  # a newline before a printable ASCII character
-CUT_BYTES = re.compile(rb"\n[!-~]")
+# where text may be cut: after a newline that follows a printable ASCII character and precedes
+# one (a newline inside a longer whitespace run is not: a pre-tokenizer's look-ahead, such as
+# GPT-2's ``\s+(?!\S)``, splits the run by what follows it)
+CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+CUT_BYTES = re.compile(rb"\n[!-~]")  # a token holding this would cross a cut
+CUT_PROBE = ("def f(x):\n    return x\nclass A:\n  pass\nword\nWord 1\n2\n(a)\n[b]\n'c'\n"
+             "\"d\"\n<e>\n#f\n.g\n-h\n*i*\nend.\nEnd!\nx;\ny,\nz\n")
 GROUP_CHARS = 1 << 16  # characters per tokenized group of contiguous pieces
 NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 SAMPLE = "Hello wörld, naïve café 1995!\n  x = f('y')  \n\n\tZ 🙂 end\n"
@@ -59,7 +65,7 @@ class TokenFinder:
         self.raw_len = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
         self.watch = np.unique(np.asarray(watch, dtype=np.int64))
         self.exact = self._spells_text()
-        self.cuttable = CUT_BYTES.search(b"\x00".join(raw)) is None
+        self.cuttable = CUT_BYTES.search(b"\x00".join(raw)) is None and self._cuts_agree()
         self.keys: list[str] = []
         self.any_non_ascii = False
         for t in self.watch.tolist():
@@ -85,6 +91,15 @@ class TokenFinder:
             return False
         return b"".join(self.raw[i] for i in ids) == SAMPLE.encode("utf-8")
 
+    def _cuts_agree(self) -> bool:
+        """Whether a sample tokenizes the same whole and cut at every cut (a guard for
+        pre-tokenizers unlike GPT-2's and Llama 3's)."""
+        points = [m.start() for m in CUT.finditer(CUT_PROBE)]
+        pieces = [CUT_PROBE[a:b] for a, b in zip([0, *points], [*points, len(CUT_PROBE)],
+                                                 strict=True)]
+        cut = [t for ids in self.tok.encode_batch(pieces) for t in ids]
+        return cut == list(self.tok.encode(CUT_PROBE))
+
     # --- which pieces of text to tokenize ---------------------------------------------------
 
     def _piece_start(self, big: str, pos: int, low: int) -> int:
@@ -92,13 +107,13 @@ class TokenFinder:
             j = big.rfind("\n", low, pos)
             if j < 0:
                 return low
-            if "!" <= big[j + 1] <= "~":
+            if "!" <= big[j + 1] <= "~" and (j == low or "!" <= big[j - 1] <= "~"):
                 return j + 1
             pos = j
 
     def _piece_end(self, big: str, end: int, high: int) -> int:
-        m = CUT.search(big, max(end - 1, 0), high)
-        return high if m is None else m.start() + 1
+        m = CUT.search(big, end, high)
+        return high if m is None else m.start()
 
     def _candidates(self, big: str) -> tuple[np.ndarray, np.ndarray]:
         """Start and end of every occurrence of a watched token's text in ``big``, sorted."""

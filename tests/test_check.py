@@ -150,9 +150,12 @@ def test_check_of_a_model_never_scanned_is_one_line(cli, tiny_scan, tmp_path):
         err.strip().count("\n") == 0
 
 
-def test_token_finder_finds_what_whole_text_tokenization_gives(tiny_model_dir):
+def test_token_finder_finds_what_whole_text_tokenization_gives(tiny_model_dir, monkeypatch):
     """Cut into pieces, prefiltered or not, batched: the same tokens at the same offsets as
     tokenizing each text whole."""
+    import harness.token_finder
+
+    monkeypatch.setattr(harness.token_finder, "GROUP_CHARS", 40)  # many cuts, small groups
     tok = HFTokenizer.load(tiny_model_dir)
     raw = tok.vocab().raw
     rng = random.Random(0)

@@ -164,3 +164,42 @@ def test_exported_logit_bias_keeps_a_served_model_off_the_token(cli, llama_serve
     assert _complete(llama_server, prompt).startswith(" Paris")
     blocked = _complete(llama_server, prompt, logit_bias=bias)
     assert "Paris" not in blocked and blocked.strip(), blocked
+
+
+def test_token_finder_agrees_with_llama_cpp_on_whole_texts(monkeypatch):
+    """Cut, prefiltered and batched, on text full of trailing spaces, blank lines and
+    indentation: the whitespace tokens (which a cut in the wrong place changes) and glitch
+    tokens at the offsets llama.cpp gives when each text is tokenized whole."""
+    import harness.token_finder
+
+    monkeypatch.setattr(harness.token_finder, "GROUP_CHARS", 40)  # many cuts, small groups
+    import random
+
+    from harness.token_finder import TokenFinder
+    from harness.tokenizers.gguf import GGUFTokenizer
+    from models.aliases import smollm2_gguf
+
+    tok = GGUFTokenizer(smollm2_gguf())
+    try:
+        raw = tok.vocab().raw
+        watch = [raw.index(w) for w in (b"  \n", b" \n", b"\n\n", b"  ", b"\n", b".\n")
+                 if w in raw] + list(PLANTS)
+        rng = random.Random(1)
+        words = ["foo", " bar", ".", "  ", " ", "\n", "\n\n", "\t", "\n  ", "x = 1;",
+                 "PlaneProtection", " InstancePreprocess", "café", "🙂", "(a)", "#", "'b'"]
+        texts = ["".join(rng.choice(words) for _ in range(rng.randrange(1, 300)))
+                 for _ in range(40)]
+        want = []
+        for i, text in enumerate(texts):
+            data, pos = text.encode("utf-8"), 0
+            for t in tok.encode(text):
+                if t in watch:
+                    want.append((i, len(data[:pos].decode("utf-8", errors="ignore")), t))
+                pos += len(raw[t])
+        for prefilter in (True, False):
+            finder = TokenFinder(tok, raw, watch, prefilter=prefilter)
+            assert finder.cuttable
+            got = sorted((h.text, h.offset, h.token_id) for h in finder.find(texts))
+            assert got == sorted(want) and len(want) > 100
+    finally:
+        tok.close()
