@@ -125,28 +125,28 @@ def check_text(checker: Checker, source: str, stream: BinaryIO) -> Iterator[Find
             yield BadInput(source, bad_line, f"not UTF-8 text (byte 0x{data[exc.start]:02x}); "
                                              "the rest of this input is skipped")
             return
-        yield from _text_findings(checker, source, text, line)
+        yield from _text_findings(checker, source, text, data, line)
         line += text.count("\n")
         if not chunk:
             return
 
 
 def _last_cut(data: bytes) -> int | None:
-    """The last place in ``data`` where the text may be cut (``token_finder.CUT``: after a
-    newline between two printable ASCII characters), or None."""
+    """The last place in ``data`` where the text may be cut (``token_finder.CUT``: before a
+    newline that follows a printable ASCII character), or None."""
     end = len(data)
     while True:
         j = data.rfind(b"\n", 0, end)
         if j < 1:
             return None
-        if j + 1 < len(data) and 0x21 <= data[j + 1] <= 0x7E and 0x21 <= data[j - 1] <= 0x7E:
-            return j + 1
+        if 0x21 <= data[j - 1] <= 0x7E:
+            return j
         end = j
 
 
-def _text_findings(checker: Checker, source: str, text: str, first_line: int
+def _text_findings(checker: Checker, source: str, text: str, data: bytes, first_line: int
                    ) -> Iterator[Finding]:
-    hits = sorted(checker.finder.find([text]), key=lambda h: h.offset)
+    hits = sorted(checker.finder.find([text], [data]), key=lambda h: h.offset)
     line, at = first_line, 0
     for h in hits:
         line += text.count("\n", at, h.offset)

@@ -8,13 +8,15 @@ Two things keep it fast without changing the result:
 - A token can only be produced where its bytes occur in the text, when the tokenizer's
   tokens spell the text exactly (byte-level BPE, tiktoken, llama.cpp; checked at setup on
   a sample). So only the pieces of text around such occurrences are tokenized (the
-  *prefilter*); a token that is not valid UTF-8 on its own (a piece of a character) counts
-  as occurring at every non-ASCII character.
-- Text is cut into pieces after a newline that stands between two printable ASCII
-  characters (``!``..``~``): there GPT-2's, Llama 3's and SmolLM2's pre-tokenizers always
-  split, and no token of the vocabulary holds a newline followed by such a character (checked
-  at setup, with a sample tokenized whole and cut; where either fails, texts are not cut), so
-  the pieces tokenize exactly as the whole text does. Contiguous pieces are tokenized together
+  *prefilter*: all the tokens' texts searched in one pass, Aho-Corasick by
+  ``ahocorasick_rs`` over the UTF-8 bytes, which finds a token that is a piece of a
+  character too).
+- Text is cut into pieces before each newline that follows a printable ASCII character
+  (``!``..``~``): GPT-2's and SmolLM2's pre-tokenizers always split there, and no token of
+  the vocabulary holds such a character followed by a newline (checked at setup, with a
+  sample tokenized whole and cut; where either fails, as for Llama 3's pre-tokenizer, which
+  joins punctuation and the newlines after it, texts are not cut), so the pieces tokenize
+  exactly as the whole text does. Contiguous pieces are tokenized together
   in groups of up to 64 KiB, one batch call for all of them.
 
 Every tokenized id is tested with one ``np.isin``; character offsets are computed only for
@@ -28,18 +30,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from ahocorasick_rs import BytesAhoCorasick
 
 from harness.tokenizers import Tokenizer
 
-# where text may be cut: after a newline that follows a printable ASCII character and precedes
-# one (a newline inside a longer whitespace run is not: a pre-tokenizer's look-ahead, such as
-# GPT-2's ``\s+(?!\S)``, splits the run by what follows it)
-CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
-CUT_BYTES = re.compile(rb"\n[!-~]")  # a token holding this would cross a cut
-CUT_PROBE = ("def f(x):\n    return x\nclass A:\n  pass\nword\nWord 1\n2\n(a)\n[b]\n'c'\n"
-             "\"d\"\n<e>\n#f\n.g\n-h\n*i*\nend.\nEnd!\nx;\ny,\nz\n")
+# where text may be cut: before a newline that follows a printable ASCII character (GPT-2's,
+# SmolLM2's and Gemma's tokenizers split there whatever follows; not after the newline, where
+# a pre-tokenizer's look-ahead such as GPT-2's ``\s+(?!\S)`` splits a whitespace run by what
+# follows it)
+CUT = re.compile(r"(?<=[!-~])(?=\n)")
+CUT_BYTES = re.compile(rb"[!-~]\n")  # a token holding this would cross a cut
+CUT_PROBE = ("def f(x):\n    return x.y\n\nclass A:\n  pass  \nword\nWord 1\n2\n(a)\n[b]\n"
+             "'c'\n\"d\"\n<e>\n#f\n.g\n-h\n*i*\n\tend.\n\n\nEnd!\n  * x;\n    y,\nz\n")
 GROUP_CHARS = 1 << 16  # characters per tokenized group of contiguous pieces
-NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 SAMPLE = "Hello wörld, naïve café 1995!\n  x = f('y')  \n\n\tZ 🙂 end\n"
 
 
@@ -66,23 +69,15 @@ class TokenFinder:
         self.watch = np.unique(np.asarray(watch, dtype=np.int64))
         self.exact = self._spells_text()
         self.cuttable = CUT_BYTES.search(b"\x00".join(raw)) is None and self._cuts_agree()
-        self.keys: list[str] = []
-        self.any_non_ascii = False
-        for t in self.watch.tolist():
-            try:
-                text = raw[t].decode("utf-8")
-            except UnicodeDecodeError:
-                self.any_non_ascii = True
-                continue
-            key = text.lstrip(" ") or text  # a tokenizer may fold a space into a token
-            if key:
-                self.keys.append(key)
-        # a key that holds a shorter key is found through it (the piece around an occurrence
-        # reaches the next cut, and no token crosses a cut)
-        keys = sorted(set(self.keys), key=len)
+        # the prefilter's search keys: each token's bytes without leading spaces (a tokenizer
+        # may fold a space into a token); a key that holds a shorter key is found through it
+        # (the piece around an occurrence reaches the next cut, and no token crosses a cut)
+        keys = sorted({raw[t].lstrip(b" ") or raw[t] for t in self.watch.tolist()} - {b""},
+                      key=len)
         self.keys = [k for i, k in enumerate(keys)
                      if not self.cuttable or not any(s in k for s in keys[:i])]
         self.prefilter = prefilter and self.exact
+        self._matcher = BytesAhoCorasick(self.keys) if self.keys and self.prefilter else None
 
     def _spells_text(self) -> bool:
         """Whether the tokens of a sample text spell it exactly, byte for byte."""
@@ -103,44 +98,42 @@ class TokenFinder:
     # --- which pieces of text to tokenize ---------------------------------------------------
 
     def _piece_start(self, big: str, pos: int, low: int) -> int:
+        end = pos + 1
         while True:
-            j = big.rfind("\n", low, pos)
-            if j < 0:
+            j = big.rfind("\n", low, end)
+            if j <= low:
                 return low
-            if "!" <= big[j + 1] <= "~" and (j == low or "!" <= big[j - 1] <= "~"):
-                return j + 1
-            pos = j
+            if "!" <= big[j - 1] <= "~":
+                return j
+            end = j
 
     def _piece_end(self, big: str, end: int, high: int) -> int:
         m = CUT.search(big, end, high)
         return high if m is None else m.start()
 
-    def _candidates(self, big: str) -> tuple[np.ndarray, np.ndarray]:
-        """Start and end of every occurrence of a watched token's text in ``big``, sorted."""
-        starts: list[int] = []
-        ends: list[int] = []
-        for key in self.keys:
-            n = len(key)
-            i = big.find(key)
-            while i != -1:
-                starts.append(i)
-                ends.append(i + n)
-                i = big.find(key, i + 1)
-        if self.any_non_ascii:
-            for m in NON_ASCII.finditer(big):
-                starts.append(m.start())
-                ends.append(m.end())
-        s = np.asarray(starts, dtype=np.int64)
-        e = np.asarray(ends, dtype=np.int64)
-        order = np.argsort(s, kind="stable")
-        return s[order], e[order]
+    def _candidates(self, big: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end (characters) of every occurrence of a watched token's bytes in
+        ``big`` (whose UTF-8 is ``data``), sorted; one Aho-Corasick pass over the bytes."""
+        if self._matcher is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        hits = self._matcher.find_matches_as_indexes(data)
+        if not hits:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        found = np.asarray(hits, dtype=np.int64)
+        order = np.argsort(found[:, 1], kind="stable")
+        bs, be = found[order, 1], found[order, 2]
+        # bytes to characters: less the continuation bytes before (a start inside a character
+        # is that character; an end inside one, after it)
+        cont = np.flatnonzero((np.frombuffer(data, dtype=np.uint8) & 0xC0) == 0x80)
+        return bs - np.searchsorted(cont, bs, side="right"), \
+            be - np.searchsorted(cont, be, side="left")
 
-    def _ranges(self, big: str, bounds: np.ndarray) -> list[tuple[int, int]]:
+    def _ranges(self, big: str, data: bytes, bounds: np.ndarray) -> list[tuple[int, int]]:
         """The pieces of ``big`` to tokenize, sorted, not overlapping; none crosses a text
         boundary in ``bounds`` (the texts' start offsets and the end)."""
         ranges: list[tuple[int, int]] = []
         if self.prefilter:
-            starts, ends = self._candidates(big)
+            starts, ends = self._candidates(big, data)
             units = np.searchsorted(bounds, starts, side="right") - 1
             last_end = -1
             for p, e, u in zip(starts.tolist(), ends.tolist(), units.tolist(), strict=True):
@@ -187,14 +180,17 @@ class TokenFinder:
 
     # --- tokenize and look ------------------------------------------------------------------
 
-    def find(self, texts: Sequence[str]) -> list[Hit]:
-        """Every occurrence of a watched token in ``texts``, by text and offset."""
+    def find(self, texts: Sequence[str], encoded: Sequence[bytes] | None = None) -> list[Hit]:
+        """Every occurrence of a watched token in ``texts`` (``encoded``: their UTF-8, where
+        the caller has it), by text and offset."""
         if not texts or not len(self.watch):
             return []
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         big = "".join(texts)
-        ranges = self._ranges(big, bounds)
+        data = b"".join(encoded) if encoded is not None else \
+            big.encode("utf-8") if self.prefilter else b""
+        ranges = self._ranges(big, data, bounds)
         if not ranges:
             return []
         pieces = [big[a:b] for a, b in ranges]
