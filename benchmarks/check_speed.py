@@ -13,8 +13,8 @@ database with the vocabulary of the GGUF file, as a scan stored through llama.cp
 Measured, each on the same text:
 
 - ``check``: ``harness check smollm2 CORPUS --json`` as a subprocess, end to end (start,
-  tokenizer load, reading, prefilter, batched llama.cpp tokenization of the candidate pieces,
-  output), and the ``check_text`` loop alone in this process;
+  tokenizer load, reading, the Aho-Corasick prefilter, batched llama.cpp tokenization of the
+  pieces around candidates, output), and the ``check_text`` loop alone in this process;
 - ``full``: the same finder with the prefilter off: every byte tokenized by llama.cpp in
   64 KiB groups cut at line starts (what the batching alone gives);
 - ``per_line``: the naive way, one llama.cpp ``llama_tokenize`` call per line, on the first
