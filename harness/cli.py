@@ -487,7 +487,8 @@ def cmd_check(
         "--field", help="Read JSON lines and check this field's string (a.b for nested "
                         "objects).")] = None,
     suspect: Annotated[bool, typer.Option(
-        "--suspect", help="Report tokens whose final verdict is suspect too.")] = False,
+        "--suspect", "--include-suspect",
+        help="Report tokens whose final verdict is suspect too.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per finding and line; the summary goes to "
                        "stderr.")] = False,
@@ -564,7 +565,8 @@ def cmd_export(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write to this file instead of standard output.")] = None,
     suspect: Annotated[bool, typer.Option(
-        "--include-suspect", help="Export tokens whose final verdict is suspect too.")]
+        "--include-suspect", "--suspect",
+        help="Export tokens whose final verdict is suspect too.")]
     = False,
     db: DbOption = None,
 ) -> None:

@@ -184,6 +184,9 @@ def test_export_formats(cli, tiny_scan, tmp_path):
     assert out.splitlines() == ["\\xc3", '" the"', "Gl"]
     code, out, _ = cli("export", "tiny", "--format", "logit-bias", "--db", str(db))
     assert json.loads(out) == {str(C3): -100, str(THE): -100, str(GL): -100}
+    code, out, _ = cli("export", "tiny", "-f", "logit-bias", "--include-suspect",
+                       "--db", str(db))
+    assert json.loads(out) == {str(C3): -100, str(THE): -100, str(GL): -100, "299": -100}
     code, out, _ = cli("export", "tiny", "-f", "llamacpp", "--db", str(db))
     assert out.split() == ["--logit-bias", f"{C3}-inf", "--logit-bias", f"{THE}-inf",
                            "--logit-bias", f"{GL}-inf"]
