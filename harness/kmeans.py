@@ -1,0 +1,385 @@
+"""k-means of an embedding matrix in numpy, the adjusted Rand index, and the distances to
+the centroid of the whole matrix: the arithmetic of ``harness clusters`` (seed 000).
+
+``kmeans`` is Lloyd's algorithm (assign every row to its nearest centroid, move every
+centroid to the mean of its rows, until no row changes cluster) started from k-means++ and
+made fast the ways that do not change its result:
+
+* the assignment is one float32 matrix product per chunk of rows,
+  ``|x|² − 2·x·cᵀ + |c|²``, chunked so that memory stays bounded and the chunk stays in cache;
+* Elkan's bounds: each row keeps an upper bound on the distance to its own centroid and a
+  lower bound on the distance to every other one; when the centroids move, the bounds move by
+  as much (triangle inequality), and only the rows whose bounds no longer prove that their
+  cluster is unchanged are measured again. After the first few iterations that is a small
+  fraction of the rows;
+* the centroid sums are updated by the rows that changed cluster only (a ±1 one-hot matrix
+  product), and computed again from scratch from the final labels at the end.
+
+k-means++ draws its seeds from a random sample of the rows (``init_sample`` rows, by default
+10,000 or 50 per cluster, whichever is more): each of the ``k`` draws is a pass over the
+sample rather than over the whole matrix. On a 262,144-row matrix that makes the start
+well under a second instead of seconds, and Lloyd's iterations move the centroids to the
+whole matrix anyway.
+
+Distances are computed in float32 (sums in float64), so two runs of the same seed give the
+same labels on the same machine and BLAS; a row at an exact tie between two centroids may be
+placed differently than a float64 computation would place it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.errors import HarnessError
+
+DEFAULT_MAX_ITER = 300
+DEFAULT_TOL = 1e-4  # centre shift (sum of squares) relative to the mean per-dimension variance
+CHUNK_BYTES = 4 << 20  # elementwise work in chunks of about this many bytes (cache-sized)
+BLOCK_BYTES = 64 << 20  # rows gathered for one matrix product: large, so that BLAS runs fast
+BOUNDS_BYTES = 1 << 30  # the most memory Elkan's lower bounds (rows × k float32) may take
+
+
+@dataclass
+class KMeansResult:
+    """One k-means run: each row's cluster and distance to its centroid, the centroids."""
+
+    seed: int
+    labels: np.ndarray  # (n,) int32: each row's cluster
+    distances: np.ndarray  # (n,) float32: each row's Euclidean distance to its centroid
+    centroids: np.ndarray  # (k, d) float32
+    sizes: np.ndarray  # (k,) int64: rows per cluster (0 where a cluster ended up empty)
+    inertia: float  # sum of squared distances to the centroids
+    n_iter: int  # Lloyd iterations run (centroid updates)
+    converged: bool  # no row changed cluster, or the centroids moved less than the tolerance
+    wall_s: float
+    measured: int = 0  # rows whose distances to every centroid were computed, all iterations
+
+    @property
+    def k(self) -> int:
+        """The number of clusters asked for."""
+        return int(self.centroids.shape[0])
+
+
+Progress = Callable[[int, int], None]  # (iteration, rows that changed cluster)
+
+
+def check_k(k: int, n_rows: int) -> None:
+    """Refuse a ``k`` that k-means cannot use on ``n_rows`` rows, with one clear line."""
+    if k < 2:
+        raise HarnessError(f"-k must be at least 2 (got {k})")
+    if k > n_rows:
+        raise HarnessError(f"-k {k:,} is larger than the vocabulary ({n_rows:,} tokens)")
+
+
+def _rows_per(budget: int, width: int) -> int:
+    return max(64, budget // (4 * max(width, 1)))
+
+
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _blocks(ids: np.ndarray, size: int) -> list[np.ndarray]:
+    return [ids[i:i + size] for i in range(0, ids.size, size)]
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator,
+                    sample: int | None = None) -> np.ndarray:
+    """``k`` initial centroids (float64) by k-means++ (D² sampling, one candidate per draw)
+    among ``sample`` rows of ``x`` drawn at random (all rows when ``sample`` is None or not
+    smaller than the matrix)."""
+    n = x.shape[0]
+    if sample is not None and sample < n:
+        rows = x[np.sort(rng.choice(n, size=sample, replace=False))]
+    else:
+        rows = x
+    m = rows.shape[0]
+    sq = _sq_norms(rows).astype(np.float64)
+    first = int(rng.integers(m))
+    chosen = [first]
+    closest = np.maximum(sq - 2.0 * (rows @ rows[first]) + sq[first], 0.0)
+    for _ in range(1, k):
+        cum = np.cumsum(closest)
+        if cum[-1] <= 0.0:  # fewer distinct rows than k: any row (a duplicate centroid)
+            pick = int(rng.integers(m))
+        else:
+            pick = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), m - 1)
+        chosen.append(pick)
+        closest = np.minimum(closest, np.maximum(sq - 2.0 * (rows @ rows[pick]) + sq[pick],
+                                                 0.0))
+    return rows[chosen].astype(np.float64)
+
+
+def _distances(rows: np.ndarray, rows_sq: np.ndarray, centroids_t: np.ndarray,
+               centroids_sq: np.ndarray) -> np.ndarray:
+    """Euclidean distances (m, k) of ``rows`` to the centroids (``centroids_t`` is (d, k))."""
+    dist = rows @ centroids_t
+    dist *= -2.0
+    dist += centroids_sq
+    dist += rows_sq[:, None]
+    np.maximum(dist, 0.0, out=dist)
+    return np.sqrt(dist, out=dist)
+
+
+def _add_grouped(sums: np.ndarray, sizes: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                 sign: int) -> None:
+    """Add (``sign`` 1) or take away (-1) ``rows`` to or from the sums and sizes of their
+    clusters ``labels``: sorted by cluster, summed per cluster with one ``reduceat``."""
+    order = np.argsort(labels, kind="stable")
+    ordered = labels[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    clusters = ordered[starts]
+    sums[clusters] += sign * np.add.reduceat(rows[order], starts, axis=0).astype(np.float64)
+    sizes[clusters] += sign * np.diff(np.r_[starts, ordered.size])
+
+
+def _round_up(values: np.ndarray) -> np.ndarray:
+    """float64 bound increments as float32, rounded away from zero (bounds stay bounds)."""
+    v = values.astype(np.float32)
+    return np.nextafter(v, np.float32(np.inf)) if v.size else v
+
+
+class _State:
+    """Lloyd's state: labels, Elkan's bounds, the centroids' sums and sizes."""
+
+    def __init__(self, x: np.ndarray, k: int) -> None:
+        n, d = x.shape
+        self.x, self.k = x, k
+        self.x_sq = _sq_norms(x)
+        self.chunk = _rows_per(CHUNK_BYTES, max(d, k))
+        self.block = _rows_per(BLOCK_BYTES, d + k)
+        self.bounded = n * k * 4 <= BOUNDS_BYTES  # else every row is measured every time
+        self.labels = np.zeros(n, dtype=np.int32)
+        self.upper = np.zeros(n, dtype=np.float32)  # >= the distance to its own centroid
+        # <= the distance to each other centroid (its own: +inf)
+        self.lower = np.zeros((n if self.bounded else 0, k), dtype=np.float32)
+        self.sums = np.zeros((k, d), dtype=np.float64)
+        self.sizes = np.zeros(k, dtype=np.int64)
+        self.measured = 0
+
+    def candidates(self, c32: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
+        """The rows whose cluster may have changed since the centroids moved by ``shift``
+        (None: the first assignment, every row)."""
+        n = self.x.shape[0]
+        if shift is None or not self.bounded:
+            return np.arange(n)
+        lmin = np.empty(n, dtype=np.float32)
+        for s in range(0, n, self.chunk):
+            lc = self.lower[s:s + self.chunk]
+            lc -= shift  # every other centroid may have come this much closer
+            lc.min(axis=1, out=lmin[s:s + self.chunk])
+        self.upper += shift[self.labels]  # and its own moved away this much
+        cand = np.flatnonzero(self.upper > lmin)
+        for ids in _blocks(cand, self.block):  # the exact distance to its own centroid: cheap
+            diff = self.x[ids] - c32[self.labels[ids]]
+            self.upper[ids] = np.sqrt(_sq_norms(diff))
+        return cand[self.upper[cand] > lmin[cand]]
+
+    def assign(self, c32: np.ndarray, cand: np.ndarray, first: bool,
+               update_sums: bool = True) -> int:
+        """Measure rows ``cand`` against every centroid, move them to the nearest, keep the
+        sums in step; how many changed cluster."""
+        c_t = np.ascontiguousarray(c32.T)
+        c_sq = _sq_norms(c32)
+        changed = 0
+        for ids in _blocks(cand, self.block):
+            rows = self.x[ids]
+            dist = _distances(rows, self.x_sq[ids], c_t, c_sq)
+            new = dist.argmin(axis=1).astype(np.int32)
+            self.measured += ids.size
+            if self.bounded:
+                at = np.arange(ids.size)
+                self.upper[ids] = dist[at, new]
+                dist[at, new] = np.inf
+                self.lower[ids] = dist
+            old = self.labels[ids]
+            moved = np.ones(ids.size, dtype=bool) if first else new != old
+            if not moved.any():
+                continue
+            changed += int(moved.sum())
+            if update_sums:  # the moved rows leave their old clusters' sums, join the new ones'
+                _add_grouped(self.sums, self.sizes, new[moved], rows[moved], 1)
+                if not first:
+                    _add_grouped(self.sums, self.sizes, old[moved], rows[moved], -1)
+            self.labels[ids] = new
+        return changed
+
+    def relocate_empty(self, centroids: np.ndarray, c32: np.ndarray) -> None:
+        """Give each empty cluster the row farthest from its centroid (among clusters of
+        more than one row), as scikit-learn does; rows all alike leave a cluster empty."""
+        x, labels, sizes, sums = self.x, self.labels, self.sizes, self.sums
+        dist = np.empty(x.shape[0], dtype=np.float32)  # one pass: empty clusters are rare
+        for ids in _blocks(np.arange(x.shape[0]), self.block):
+            dist[ids] = np.sqrt(_sq_norms(x[ids] - c32[labels[ids]]))
+        order = np.argsort(-dist, kind="stable")
+        taken = 0
+        for j in np.flatnonzero(sizes == 0):
+            while taken < order.size and (dist[order[taken]] <= 0.0
+                                          or sizes[labels[order[taken]]] <= 1):
+                taken += 1
+            if taken >= order.size:
+                return  # no row apart from its centroid is left: fewer distinct rows than k
+            row = int(order[taken])
+            taken += 1
+            old = int(labels[row])
+            sums[old] -= x[row]
+            sizes[old] -= 1
+            centroids[old] = sums[old] / sizes[old]
+            sums[j] = x[row]
+            sizes[j] = 1
+            centroids[j] = x[row]
+            labels[row] = j
+            self.upper[row] = 0.0  # it sits on its new centroid
+            if self.bounded:
+                self.lower[row] = 0.0  # nothing known of the others: measured next time
+                self.lower[row, j] = np.inf
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_ITER,
+           tol: float = DEFAULT_TOL, init_sample: int | None = None,
+           init: np.ndarray | None = None, progress: Progress | None = None) -> KMeansResult:
+    """k-means of the rows of ``x`` into ``k`` clusters (Lloyd's algorithm from k-means++,
+    with Elkan's bounds; see the module's docstring).
+
+    ``seed`` seeds k-means++ (the only random step). The iterations stop when no row changes
+    cluster, when the centroids moved (sum of squared moves) by less than ``tol`` times the
+    mean per-dimension variance of ``x`` (scikit-learn's rule), or after ``max_iter``
+    iterations. ``init`` gives the initial centroids instead of k-means++. ``progress`` is
+    called after each iteration with its number and how many rows changed cluster.
+    """
+    t0 = time.perf_counter()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"k-means needs a 2-D matrix, got shape {x.shape}")
+    n, d = x.shape
+    check_k(k, n)
+    if init is None:
+        rng = np.random.default_rng(seed)
+        sample = init_sample if init_sample is not None else max(10_000, 50 * k)
+        centroids = kmeans_plusplus(x, k, rng, sample)
+    else:
+        centroids = np.array(init, dtype=np.float64)
+        if centroids.shape != (k, d):
+            raise ValueError(f"init has shape {centroids.shape}, expected {(k, d)}")
+    state = _State(x, k)
+    mean = x.sum(axis=0, dtype=np.float64) / n
+    variance = max(float(state.x_sq.sum(dtype=np.float64)) / n - float(mean @ mean), 0.0) / d
+    threshold = tol * variance
+    shift: np.ndarray | None = None  # how far each centroid moved in the last update
+    n_iter, converged = 0, False
+    while True:
+        c32 = centroids.astype(np.float32)
+        changed = state.assign(c32, state.candidates(c32, shift), first=shift is None)
+        if shift is not None:
+            if progress is not None:
+                progress(n_iter, changed)
+            if changed == 0:
+                converged = True
+                break
+        if n_iter >= max_iter:
+            break
+        new_centroids = centroids.copy()
+        full = state.sizes > 0
+        new_centroids[full] = state.sums[full] / state.sizes[full, None]
+        if not full.all():
+            state.relocate_empty(new_centroids, c32)
+        moved_by = np.sqrt(((new_centroids - centroids) ** 2).sum(axis=1))
+        centroids = new_centroids
+        shift = _round_up(moved_by)
+        n_iter += 1
+        if float((moved_by ** 2).sum()) <= threshold:
+            converged = True
+            # the rows to the centroids returned (no further update)
+            c32 = centroids.astype(np.float32)
+            state.assign(c32, state.candidates(c32, shift), first=False, update_sums=False)
+            break
+    return _finish(state, centroids, seed, n_iter, converged, t0)
+
+
+def _finish(state: _State, centroids: np.ndarray, seed: int, n_iter: int, converged: bool,
+            t0: float) -> KMeansResult:
+    """Exact distances of each row to its centroid, and the cluster sizes, from the labels."""
+    x, labels = state.x, state.labels
+    c32 = centroids.astype(np.float32)
+    dist = np.empty(x.shape[0], dtype=np.float32)
+    for ids in _blocks(np.arange(x.shape[0]), state.block):
+        dist[ids] = np.sqrt(_sq_norms(x[ids] - c32[labels[ids]]))
+    sizes = np.bincount(labels, minlength=state.k).astype(np.int64)
+    inertia = float((dist.astype(np.float64) ** 2).sum())
+    return KMeansResult(seed, labels, dist, c32, sizes, inertia, n_iter, converged,
+                        time.perf_counter() - t0, state.measured)
+
+
+# --- agreement between labelings -------------------------------------------------------------
+
+
+def _pairs(counts: np.ndarray) -> float:
+    counts = counts.astype(np.float64)
+    return float((counts * (counts - 1.0) / 2.0).sum())
+
+
+def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
+    """The adjusted Rand index of two labelings of the same items (Hubert & Arabie 1985):
+    1 for identical partitions whatever the label names, about 0 for independent ones."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"labelings of different shapes: {a.shape} and {b.shape}")
+    n = a.size
+    if n < 2:
+        return 1.0
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    nb = int(bi.max()) + 1
+    table = np.bincount(ai.astype(np.int64) * nb + bi, minlength=(int(ai.max()) + 1) * nb)
+    index = _pairs(table)
+    rows = _pairs(np.bincount(ai))
+    cols = _pairs(np.bincount(bi))
+    expected = rows * cols / (n * (n - 1) / 2.0)
+    best = (rows + cols) / 2.0
+    if best == expected:  # both all one cluster, or both all singletons: identical
+        return 1.0
+    return (index - expected) / (best - expected)
+
+
+def pairwise_agreement(results: Sequence[KMeansResult]
+                       ) -> tuple[float | None, list[tuple[int, int, float]]]:
+    """Mean adjusted Rand index over every pair of runs, and (seed, seed, ARI) of each pair;
+    None with fewer than two runs."""
+    pairs = [(r.seed, q.seed, adjusted_rand_index(r.labels, q.labels))
+             for r, q in itertools.combinations(results, 2)]
+    mean = float(np.mean([p[2] for p in pairs])) if pairs else None
+    return mean, pairs
+
+
+# --- the centroid of the whole matrix --------------------------------------------------------
+
+
+def centroid_distances(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the centroid of all rows (float64), each row's Euclidean distance to it (float64)),
+    the distances computed on the differences, chunk by chunk (exact where the rows are
+    nearly equal, as collapsed rows are)."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"need a non-empty 2-D matrix, got shape {x.shape}")
+    centroid = x.sum(axis=0, dtype=np.float64) / x.shape[0]
+    c32 = centroid.astype(np.float32)
+    chunk = _rows_per(CHUNK_BYTES, x.shape[1])
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for s in range(0, x.shape[0], chunk):
+        diff = x[s:s + chunk] - c32
+        out[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
+    return centroid, out
+
+
+def closest_rows(distances: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the ``n`` smallest ``distances``, smallest first (ties by index)."""
+    n = min(n, distances.size)
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(distances, n - 1)[:n] if n < distances.size else \
+        np.arange(distances.size)
+    return part[np.lexsort((part, distances[part]))]
