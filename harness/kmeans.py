@@ -38,7 +38,7 @@ import numpy as np
 from harness.errors import HarnessError
 
 DEFAULT_MAX_ITER = 300
-DEFAULT_TOL = 1e-4  # centre shift (sum of squares) relative to the mean per-dimension variance
+DEFAULT_TOL = 1e-5  # stop when an iteration lowers the inertia by no more than this fraction
 CHUNK_BYTES = 4 << 20  # elementwise work in chunks of about this many bytes (cache-sized)
 BLOCK_BYTES = 64 << 20  # rows gathered for one matrix product: large, so that BLAS runs fast
 BOUNDS_BYTES = 1 << 30  # the most memory Elkan's lower bounds (rows × k float32) may take
@@ -55,7 +55,7 @@ class KMeansResult:
     sizes: np.ndarray  # (k,) int64: rows per cluster (0 where a cluster ended up empty)
     inertia: float  # sum of squared distances to the centroids
     n_iter: int  # Lloyd iterations run (centroid updates)
-    converged: bool  # no row changed cluster, or the centroids moved less than the tolerance
+    converged: bool  # no row changed cluster, or the inertia fell by less than the tolerance
     wall_s: float
     measured: int = 0  # rows whose distances to every centroid were computed, all iterations
 
@@ -65,7 +65,7 @@ class KMeansResult:
         return int(self.centroids.shape[0])
 
 
-Progress = Callable[[int, int], None]  # (iteration, rows that changed cluster)
+Progress = Callable[[int, int, float], None]  # (iteration, rows that changed cluster, inertia)
 
 
 def check_k(k: int, n_rows: int) -> None:
@@ -115,17 +115,6 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator,
     return rows[chosen].astype(np.float64)
 
 
-def _distances(rows: np.ndarray, rows_sq: np.ndarray, centroids_t: np.ndarray,
-               centroids_sq: np.ndarray) -> np.ndarray:
-    """Euclidean distances (m, k) of ``rows`` to the centroids (``centroids_t`` is (d, k))."""
-    dist = rows @ centroids_t
-    dist *= -2.0
-    dist += centroids_sq
-    dist += rows_sq[:, None]
-    np.maximum(dist, 0.0, out=dist)
-    return np.sqrt(dist, out=dist)
-
-
 def _add_grouped(sums: np.ndarray, sizes: np.ndarray, labels: np.ndarray, rows: np.ndarray,
                  sign: int) -> None:
     """Add (``sign`` 1) or take away (-1) ``rows`` to or from the sums and sizes of their
@@ -145,14 +134,15 @@ def _round_up(values: np.ndarray) -> np.ndarray:
 
 
 class _State:
-    """Lloyd's state: labels, Elkan's bounds, the centroids' sums and sizes."""
+    """Lloyd's state: labels, Elkan's bounds, the centroids' sums and sizes, and the work
+    buffers of the matrix products (allocated once: a fresh large array costs page faults)."""
 
     def __init__(self, x: np.ndarray, k: int) -> None:
         n, d = x.shape
         self.x, self.k = x, k
         self.x_sq = _sq_norms(x)
         self.chunk = _rows_per(CHUNK_BYTES, max(d, k))
-        self.block = _rows_per(BLOCK_BYTES, d + k)
+        self.block = min(n, _rows_per(BLOCK_BYTES, d + k))
         self.bounded = n * k * 4 <= BOUNDS_BYTES  # else every row is measured every time
         self.labels = np.zeros(n, dtype=np.int32)
         self.upper = np.zeros(n, dtype=np.float32)  # >= the distance to its own centroid
@@ -160,25 +150,51 @@ class _State:
         self.lower = np.zeros((n if self.bounded else 0, k), dtype=np.float32)
         self.sums = np.zeros((k, d), dtype=np.float64)
         self.sizes = np.zeros(k, dtype=np.int64)
+        self.rows_buf = np.empty((self.block, d), dtype=np.float32)
+        self.dist_buf = np.empty((self.block, k), dtype=np.float32)
         self.measured = 0
+        self.inertia = 0.0  # sum of squared distances to the centroids, kept up to date
+
+    def row_distances(self, c32: np.ndarray) -> np.ndarray:
+        """Each row's exact distance to its centroid (on the difference, chunk by chunk)."""
+        x, labels = self.x, self.labels
+        dist = np.empty(x.shape[0], dtype=np.float32)
+        for s in range(0, x.shape[0], self.chunk):
+            e = min(s + self.chunk, x.shape[0])
+            diff = x[s:e] - c32[labels[s:e]]
+            dist[s:e] = np.sqrt(_sq_norms(diff))
+        return dist
+
+    def exact_inertia(self, c32: np.ndarray) -> None:
+        """Set ``inertia`` from the exact distances (after moves it cannot follow)."""
+        self.inertia = float((self.row_distances(c32).astype(np.float64) ** 2).sum())
 
     def candidates(self, c32: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
         """The rows whose cluster may have changed since the centroids moved by ``shift``
-        (None: the first assignment, every row)."""
+        (None: the first assignment, every row). One pass in cache-sized chunks: the bounds
+        move by the shifts, and a row they no longer settle gets its exact distance to its
+        own centroid (cheap: one row, one centroid) before it is sent to be measured against
+        every centroid."""
         n = self.x.shape[0]
         if shift is None or not self.bounded:
             return np.arange(n)
-        lmin = np.empty(n, dtype=np.float32)
+        found = []
         for s in range(0, n, self.chunk):
-            lc = self.lower[s:s + self.chunk]
+            e = min(s + self.chunk, n)
+            lc, uc, ac = self.lower[s:e], self.upper[s:e], self.labels[s:e]
             lc -= shift  # every other centroid may have come this much closer
-            lc.min(axis=1, out=lmin[s:s + self.chunk])
-        self.upper += shift[self.labels]  # and its own moved away this much
-        cand = np.flatnonzero(self.upper > lmin)
-        for ids in _blocks(cand, self.block):  # the exact distance to its own centroid: cheap
-            diff = self.x[ids] - c32[self.labels[ids]]
-            self.upper[ids] = np.sqrt(_sq_norms(diff))
-        return cand[self.upper[cand] > lmin[cand]]
+            lmin = lc.min(axis=1)
+            uc += shift[ac]  # and its own moved away this much
+            cand = np.flatnonzero(uc > lmin)
+            if not cand.size:
+                continue
+            diff = self.x[s:e][cand]
+            diff -= c32[ac[cand]]
+            uc[cand] = np.sqrt(_sq_norms(diff))
+            cand = cand[uc[cand] > lmin[cand]]
+            if cand.size:
+                found.append(cand + s)
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def assign(self, c32: np.ndarray, cand: np.ndarray, first: bool,
                update_sums: bool = True) -> int:
@@ -188,42 +204,56 @@ class _State:
         c_sq = _sq_norms(c32)
         changed = 0
         for ids in _blocks(cand, self.block):
-            rows = self.x[ids]
-            dist = _distances(rows, self.x_sq[ids], c_t, c_sq)
+            m = ids.size
+            rows = np.take(self.x, ids, axis=0, out=self.rows_buf[:m], mode="clip")
+            dist = np.matmul(rows, c_t, out=self.dist_buf[:m])
+            dist *= -2.0
+            dist += c_sq
+            dist += self.x_sq[ids][:, None]
+            np.maximum(dist, 0.0, out=dist)
+            np.sqrt(dist, out=dist)
             new = dist.argmin(axis=1).astype(np.int32)
-            self.measured += ids.size
+            self.measured += m
+            at = np.arange(m)
+            nearest = dist[at, new]
+            old = self.labels[ids]
+            moved = np.ones(m, dtype=bool) if first else new != old
+            if first:
+                self.inertia += float((nearest.astype(np.float64) ** 2).sum())
+            elif moved.any():  # what the moves took off the sum of squared distances
+                before = dist[at[moved], old[moved]].astype(np.float64)
+                self.inertia -= float((before ** 2 - nearest[moved].astype(np.float64) ** 2)
+                                      .sum())
             if self.bounded:
-                at = np.arange(ids.size)
-                self.upper[ids] = dist[at, new]
+                self.upper[ids] = nearest
                 dist[at, new] = np.inf
                 self.lower[ids] = dist
-            old = self.labels[ids]
-            moved = np.ones(ids.size, dtype=bool) if first else new != old
             if not moved.any():
                 continue
             changed += int(moved.sum())
             if update_sums:  # the moved rows leave their old clusters' sums, join the new ones'
-                _add_grouped(self.sums, self.sizes, new[moved], rows[moved], 1)
+                moved_rows = rows[moved]
+                _add_grouped(self.sums, self.sizes, new[moved], moved_rows, 1)
                 if not first:
-                    _add_grouped(self.sums, self.sizes, old[moved], rows[moved], -1)
+                    _add_grouped(self.sums, self.sizes, old[moved], moved_rows, -1)
             self.labels[ids] = new
         return changed
 
-    def relocate_empty(self, centroids: np.ndarray, c32: np.ndarray) -> None:
+    def relocate_empty(self, centroids: np.ndarray, c32: np.ndarray) -> bool:
         """Give each empty cluster the row farthest from its centroid (among clusters of
-        more than one row), as scikit-learn does; rows all alike leave a cluster empty."""
+        more than one row), as scikit-learn does; rows all alike leave a cluster empty.
+        Whether any row moved."""
         x, labels, sizes, sums = self.x, self.labels, self.sizes, self.sums
-        dist = np.empty(x.shape[0], dtype=np.float32)  # one pass: empty clusters are rare
-        for ids in _blocks(np.arange(x.shape[0]), self.block):
-            dist[ids] = np.sqrt(_sq_norms(x[ids] - c32[labels[ids]]))
+        dist = self.row_distances(c32)  # one pass: empty clusters are rare
         order = np.argsort(-dist, kind="stable")
-        taken = 0
+        taken, relocated = 0, False
         for j in np.flatnonzero(sizes == 0):
             while taken < order.size and (dist[order[taken]] <= 0.0
                                           or sizes[labels[order[taken]]] <= 1):
                 taken += 1
             if taken >= order.size:
-                return  # no row apart from its centroid is left: fewer distinct rows than k
+                break  # no row apart from its centroid is left: fewer distinct rows than k
+            relocated = True
             row = int(order[taken])
             taken += 1
             old = int(labels[row])
@@ -238,6 +268,7 @@ class _State:
             if self.bounded:
                 self.lower[row] = 0.0  # nothing known of the others: measured next time
                 self.lower[row, j] = np.inf
+        return relocated
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_ITER,
@@ -247,10 +278,12 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_
     with Elkan's bounds; see the module's docstring).
 
     ``seed`` seeds k-means++ (the only random step). The iterations stop when no row changes
-    cluster, when the centroids moved (sum of squared moves) by less than ``tol`` times the
-    mean per-dimension variance of ``x`` (scikit-learn's rule), or after ``max_iter``
-    iterations. ``init`` gives the initial centroids instead of k-means++. ``progress`` is
-    called after each iteration with its number and how many rows changed cluster.
+    cluster, when an iteration lowered the inertia (the sum of squared distances to the
+    centroids, kept exact from the moves and the centroid shifts) by no more than ``tol``
+    times the inertia, or after ``max_iter`` iterations; the labels returned are each row's
+    nearest centroid among the centroids returned. ``init`` gives the initial centroids
+    instead of k-means++. ``progress`` is called after each iteration with its number, how
+    many rows changed cluster and the inertia.
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -267,51 +300,44 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_
         if centroids.shape != (k, d):
             raise ValueError(f"init has shape {centroids.shape}, expected {(k, d)}")
     state = _State(x, k)
-    mean = x.sum(axis=0, dtype=np.float64) / n
-    variance = max(float(state.x_sq.sum(dtype=np.float64)) / n - float(mean @ mean), 0.0) / d
-    threshold = tol * variance
     shift: np.ndarray | None = None  # how far each centroid moved in the last update
     n_iter, converged = 0, False
+    before = np.inf  # the inertia after the previous iteration
     while True:
         c32 = centroids.astype(np.float32)
         changed = state.assign(c32, state.candidates(c32, shift), first=shift is None)
         if shift is not None:
             if progress is not None:
-                progress(n_iter, changed)
-            if changed == 0:
+                progress(n_iter, changed, state.inertia)
+            if changed == 0 or before - state.inertia <= tol * state.inertia:
                 converged = True
                 break
         if n_iter >= max_iter:
             break
+        before = state.inertia
         new_centroids = centroids.copy()
         full = state.sizes > 0
         new_centroids[full] = state.sums[full] / state.sizes[full, None]
-        if not full.all():
-            state.relocate_empty(new_centroids, c32)
+        relocated = not full.all() and state.relocate_empty(new_centroids, c32)
         moved_by = np.sqrt(((new_centroids - centroids) ** 2).sum(axis=1))
         centroids = new_centroids
         shift = _round_up(moved_by)
         n_iter += 1
-        if float((moved_by ** 2).sum()) <= threshold:
-            converged = True
-            # the rows to the centroids returned (no further update)
-            c32 = centroids.astype(np.float32)
-            state.assign(c32, state.candidates(c32, shift), first=False, update_sums=False)
-            break
+        if relocated:
+            state.exact_inertia(centroids.astype(np.float32))
+        else:  # moving a centroid to the mean of its rows takes off size × move²
+            state.inertia -= float((state.sizes * moved_by ** 2).sum())
     return _finish(state, centroids, seed, n_iter, converged, t0)
 
 
 def _finish(state: _State, centroids: np.ndarray, seed: int, n_iter: int, converged: bool,
             t0: float) -> KMeansResult:
     """Exact distances of each row to its centroid, and the cluster sizes, from the labels."""
-    x, labels = state.x, state.labels
     c32 = centroids.astype(np.float32)
-    dist = np.empty(x.shape[0], dtype=np.float32)
-    for ids in _blocks(np.arange(x.shape[0]), state.block):
-        dist[ids] = np.sqrt(_sq_norms(x[ids] - c32[labels[ids]]))
-    sizes = np.bincount(labels, minlength=state.k).astype(np.int64)
+    dist = state.row_distances(c32)
+    sizes = np.bincount(state.labels, minlength=state.k).astype(np.int64)
     inertia = float((dist.astype(np.float64) ** 2).sum())
-    return KMeansResult(seed, labels, dist, c32, sizes, inertia, n_iter, converged,
+    return KMeansResult(seed, state.labels, dist, c32, sizes, inertia, n_iter, converged,
                         time.perf_counter() - t0, state.measured)
 
 
