@@ -130,13 +130,19 @@ def test_kmeans_recovers_separated_blobs_under_every_seed():
     assert [(a, b) for a, b, _ in pairs] == [(0, 1), (0, 2), (1, 2)]
 
 
-@pytest.mark.parametrize("bounded", [True, False])
-def test_kmeans_gives_lloyds_result_from_the_same_start(monkeypatch, bounded):
-    """Elkan's bounds and the incremental sums change the cost, not the result: from the
-    same initial centroids the labels are those of textbook Lloyd (overlapping clusters,
-    where many rows change cluster over many iterations)."""
-    if not bounded:
-        monkeypatch.setattr(km, "BOUNDS_BYTES", 0)
+@pytest.mark.parametrize("variant", ["default", "no bounds", "sorted sums", "always check own",
+                                     "never check own"])
+def test_kmeans_gives_lloyds_result_from_the_same_start(monkeypatch, variant):
+    """Elkan's bounds, the own-centroid check and the incremental sums (one-hot or sorted)
+    change the cost, not the result: from the same initial centroids the labels are those of
+    textbook Lloyd (overlapping clusters, where many rows change cluster over many
+    iterations)."""
+    bounded = variant != "no bounds"
+    setting = {"no bounds": ("BOUNDS_BYTES", 0), "sorted sums": ("ONE_HOT_MAX_K", 4),
+               "always check own": ("TIGHTEN_BELOW", 2.0),
+               "never check own": ("TIGHTEN_BELOW", -1.0)}.get(variant)
+    if setting:
+        monkeypatch.setattr(km, *setting)
     rng = np.random.default_rng(5)
     x = rng.normal(size=(1500, 10)).astype(np.float32)
     x[:500] += 1.5
@@ -149,6 +155,10 @@ def test_kmeans_gives_lloyds_result_from_the_same_start(monkeypatch, bounded):
     np.testing.assert_allclose(got.centroids, want_c, rtol=1e-4, atol=1e-4)
     if bounded:  # the bounds spared most of the distance computations
         assert got.measured < 0.6 * len(x) * (got.n_iter + 1)
+    # the inertia kept up to date from the moves and shifts is the exact one
+    seen = []
+    kmeans(x, 12, init=init, tol=0.0, max_iter=500, progress=lambda i, c, j: seen.append(j))
+    assert seen[-1] == pytest.approx(got.inertia, rel=1e-5)
 
 
 def test_kmeans_is_deterministic_per_seed():
