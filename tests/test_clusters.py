@@ -216,3 +216,49 @@ def test_a_backend_without_embeddings_and_an_unknown_model_are_one_line(cli, unt
     code, _, err = cli("clusters", "no-such-model", "-k", "4")
     assert code == 2 and err.strip().count("\n") == 0
     assert "unknown model 'no-such-model'" in err
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def test_the_report_shows_the_clusters_and_the_closest_to_centroid_table(
+        cli, tiny_model_dir, harness_home, tmp_path):
+    import re
+
+    db = f"sqlite:///{harness_home / 'report.db'}"
+    code, _, err = cli("scan", str(tiny_model_dir), "-d", "embedding-centroid", "--db", db)
+    assert code == 0, err
+    page = tmp_path / "before.html"
+    code, _, err = cli("report", str(tiny_model_dir), "--db", db, "-o", str(page))
+    assert code == 0, err
+    assert "No clustering stored" in page.read_text()
+    (model_id,) = query(db, "SELECT id FROM models")[0]
+    _store_verdicts(db, model_id, set(PLANTED), {7})
+    code, _, err = cli("clusters", str(tiny_model_dir), "-k", "5", "--seeds", "2", "--db", db)
+    assert code == 0, err
+    page = tmp_path / "report.html"
+    code, _, err = cli("report", str(tiny_model_dir), "--db", db, "-o", str(page))
+    assert code == 0, err
+    text = page.read_text()
+    (cid, agreement) = query(db, "SELECT id, agreement FROM clusterings")[0]
+    assert "k-means clusters of the input embeddings" in text
+    assert f"<b>{agreement:.3f}</b>" in text
+    (cluster,) = query(db, "SELECT cluster FROM token_clusters WHERE clustering_id = ? AND "
+                           "seed = 0 AND token_id = ?", cid, PLANTED[0])[0]
+    size = query(db, "SELECT size FROM cluster_centroids WHERE clustering_id = ? AND seed = 0 "
+                     "AND cluster = ?", cid, cluster)[0][0]
+    assert f"6 of 6 in cluster <b>{cluster}</b> ({size:,} tokens" in text
+    table = re.search(r"<table class='clusters'.*?</table>", text, re.S).group(0)
+    first = re.search(r"<tr class='glitch-cluster'><td class='num'>(\d+)</td>"
+                      r"<td class='num'>([\d,]+)</td>", table)
+    assert first is not None and int(first.group(1)) == cluster
+    assert table.split("<tbody>")[1].startswith("<tr class='glitch-cluster'>")
+    centroid = re.search(r"<table class='centroid'.*?</table>", text, re.S).group(0)
+    ids = [int(i) for i in re.findall(r"<tr><td class='num'>\d+</td><td class='num'>(\d+)</td>",
+                                      centroid)]
+    nearest = [t for (t,) in query(db, "SELECT token_id FROM centroid_distances WHERE "
+                                       "clustering_id = ? ORDER BY distance, token_id LIMIT 20",
+                                   cid)]
+    assert ids == nearest and set(ids[:6]) == set(PLANTED)
+    assert centroid.count("v-glitch") == 6
+    assert text.count("data:image/png;base64,") >= 2  # the cluster sizes drawn
