@@ -29,8 +29,10 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from harness import __version__, paths
+from harness.clusters import DEFAULT_K, DEFAULT_TOP
 from harness.db import open_db
 from harness.errors import HarnessError
+from harness.kmeans import DEFAULT_MAX_ITER, DEFAULT_TOL
 from harness.options import parse_assignments
 from harness.plugins import get_plugin_manager, registry
 from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
@@ -476,7 +478,7 @@ def _seed_list(seeds: int | None, seed: list[int] | None) -> list[int]:
 
 def cmd_clusters(
     model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")],
-    k: Annotated[int, typer.Option("-k", help="Clusters per k-means.")] = 100,
+    k: Annotated[int, typer.Option("-k", help="Clusters per k-means.")] = DEFAULT_K,
     seeds: Annotated[int | None, typer.Option(
         help="Run k-means with seeds 0..N-1 (default 3).")] = None,
     seed: Annotated[list[int] | None, typer.Option(
@@ -485,13 +487,16 @@ def cmd_clusters(
         help="auto (the input matrix, and the output matrix where it is not tied), input, "
              "output or both.")] = "auto",
     top: Annotated[int, typer.Option(
-        help="Rows of the table of tokens closest to the centroid of the whole matrix.")] = 20,
+        help="Rows of the table of tokens closest to the centroid of the whole matrix.")]
+    = DEFAULT_TOP,
     show: Annotated[int, typer.Option(
         "--clusters", help="How many clusters to list (the most notable first).")] = 12,
-    max_iter: Annotated[int, typer.Option(help="Most Lloyd iterations per seed.")] = 300,
+    max_iter: Annotated[int, typer.Option(help="Most Lloyd iterations per seed.")]
+    = DEFAULT_MAX_ITER,
     tol: Annotated[float, typer.Option(
-        help="Stop when the centroids move (sum of squares) by less than this times the mean "
-             "per-dimension variance.")] = 1e-4,
+        help="Stop when an iteration lowers the inertia (sum of squared distances) by no more "
+             "than this fraction of it; 0: only when no token changes cluster.")]
+    = DEFAULT_TOL,
     as_json: Annotated[bool, typer.Option("--json", help="Everything as JSON on stdout.")]
     = False,
     db: DbOption = None,
@@ -557,8 +562,8 @@ def _print_clustering(m: Any, s: Any, show: int) -> None:
         out.print(f"  the {s.glitch_kind} tokens: {count} of {total} in cluster "
                   f"[bold]{s.glitch_cluster}[/] ({view.size:,} tokens)")
     stable = [v.stability for v in s.clusters if v.stability is not None]
-    title = (f"Clusters of seed {s.seed} ({show} of {len(s.clusters)}, most glitch tokens "
-             "first, then nearest the global centroid)")
+    title = (f"Clusters of seed {s.seed} ({min(show, len(s.clusters))} of {len(s.clusters)}, "
+             "most glitch tokens first, then nearest the global centroid)")
     table = Table(title=title)
     for col, justify in (("cluster", "right"), ("size", "right"), ("to centroid", "right"),
                          ("stability", "right"), ("glitch", "right"), ("suspect", "right"),
