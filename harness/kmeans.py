@@ -6,7 +6,10 @@ centroid to the mean of its rows) started from k-means++, made fast the ways tha
 change its result:
 
 * the assignment is one float32 matrix product per block of rows,
-  ``|x|² − 2·x·cᵀ + |c|²``, the blocks large (BLAS runs fast) and the buffers reused;
+  ``|x|² − 2·x·cᵀ + |c|²``; the blocks are shared out to one thread per CPU, each with
+  single-threaded BLAS, and applied in order (the result does not depend on the threads;
+  on a machine other processes keep busy, a slow core delays one block, not every product
+  as multi-threaded BLAS would);
 * Elkan's bounds: each row keeps an upper bound on the distance to its own centroid and a
   lower bound on the distance to every other one; when the centroids move, the bounds move by
   as much (triangle inequality), and only the rows whose bounds no longer prove that their
@@ -36,10 +39,18 @@ may be placed differently than a float64 computation would place it.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +95,75 @@ def check_k(k: int, n_rows: int) -> None:
         raise HarnessError(f"-k must be at least 2 (got {k})")
     if k > n_rows:
         raise HarnessError(f"-k {k:,} is larger than the vocabulary ({n_rows:,} tokens)")
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@cache
+def _openblas() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """(get, set) of the number of threads of the OpenBLAS numpy loaded, or None (another
+    BLAS, or not found): looked up the way threadpoolctl does, in the process's mappings."""
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({line.split()[-1] for line in fh
+                            if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for suffix in ("64_", ""):
+            for prefix in ("scipy_openblas", "openblas"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                    return get, put
+    return None
+
+
+@contextmanager
+def _blas_threads(n: int | None) -> Iterator[bool]:
+    """Run with BLAS limited to ``n`` threads (None: as it is); yields whether it is."""
+    control = _openblas() if n is not None else None
+    if control is None:
+        yield False
+        return
+    get, put = control
+    before = get()
+    put(n)
+    try:
+        yield True
+    finally:
+        put(before)
+
+
+def _in_order(fn: Callable[..., Any], blocks: list[np.ndarray], args: tuple,
+              pool: ThreadPoolExecutor | None) -> Iterator[tuple[np.ndarray, Any]]:
+    """``(block, fn(block, *args))`` for each block, in order; computed ahead in ``pool``'s
+    threads (a few blocks at a time: memory stays bounded), or here without a pool."""
+    if pool is None:
+        for b in blocks:
+            yield b, fn(b, *args)
+        return
+    ahead: deque[tuple[np.ndarray, Future]] = deque()
+    todo = iter(blocks)
+    for b in itertools.islice(todo, 2 * pool._max_workers):
+        ahead.append((b, pool.submit(fn, b, *args)))
+    while ahead:
+        b, fut = ahead.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            ahead.append((nxt, pool.submit(fn, nxt, *args)))
+        yield b, fut.result()
 
 
 def _rows_per(budget: int, width: int) -> int:
@@ -163,15 +243,18 @@ def _round_up(values: np.ndarray) -> np.ndarray:
 
 
 class _State:
-    """Lloyd's state: labels, Elkan's bounds, the centroids' sums and sizes, and the work
-    buffers of the matrix products (allocated once: a fresh large array costs page faults)."""
+    """Lloyd's state: labels, Elkan's bounds, the centroids' sums and sizes, and the rows'
+    buffer of each thread that measures them (allocated once: a fresh large array costs page
+    faults)."""
 
-    def __init__(self, x: np.ndarray, k: int) -> None:
+    def __init__(self, x: np.ndarray, k: int, workers: int) -> None:
         n, d = x.shape
         self.x, self.k = x, k
         self.x_sq = _sq_norms(x)
         self.chunk = _rows_per(CHUNK_BYTES, max(d, k))
         self.block = min(n, _rows_per(BLOCK_BYTES, d + k))
+        if workers > 1:  # blocks small enough to share out, large enough for BLAS
+            self.block = min(self.block, max(1024, -(-n // (8 * workers))))
         self.bounded = n * k * 4 <= BOUNDS_BYTES  # else every row is measured every time
         self.labels = np.zeros(n, dtype=np.int32)
         self.upper = np.zeros(n, dtype=np.float32)  # >= the distance to its own centroid
@@ -179,8 +262,9 @@ class _State:
         self.lower = np.zeros((n if self.bounded else 0, k), dtype=np.float32)
         self.sums = np.zeros((k, d), dtype=np.float64)
         self.sizes = np.zeros(k, dtype=np.int64)
-        self.rows_buf = np.empty((self.block, d), dtype=np.float32)
-        self.dist_buf = np.empty((self.block, k), dtype=np.float32)
+        self.local = threading.local()  # each worker thread's row buffer
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="kmeans") \
+            if workers > 1 else None
         self.measured = 0
         self.failing = 1.0  # the share of rows whose bounds failed in the last iteration
         self.inertia = 0.0  # sum of squared distances to the centroids, kept up to date
@@ -230,22 +314,36 @@ class _State:
         self.failing = failing / n
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
+    def measure(self, ids: np.ndarray, c_t: np.ndarray, c_sq: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (m, k) of rows ``ids`` to every centroid (``c_t``: -2 × the centroids,
+        transposed) and the nearest one. Safe to run in several threads at once."""
+        m = ids.size
+        buf = getattr(self.local, "rows", None)
+        if buf is None or buf.shape[0] < m:
+            buf = self.local.rows = np.empty((max(m, self.block), self.x.shape[1]),
+                                             dtype=np.float32)
+        rows = np.take(self.x, ids, axis=0, out=buf[:m], mode="clip")
+        dist = rows @ c_t  # -2 x·c
+        dist += c_sq
+        dist += self.x_sq[ids][:, None]
+        np.maximum(dist, 0.0, out=dist)
+        np.sqrt(dist, out=dist)
+        return dist, dist.argmin(axis=1).astype(np.int32)
+
     def assign(self, c32: np.ndarray, cand: np.ndarray, first: bool,
                update_sums: bool = True) -> int:
         """Measure rows ``cand`` against every centroid, move them to the nearest, keep the
-        sums in step; how many changed cluster."""
+        sums in step; how many changed cluster. The blocks are measured in worker threads
+        (each block in one thread, BLAS single-threaded: a busy core slows one block, not
+        every product) and applied here in order, so the result does not depend on the
+        number of threads."""
         c_t = np.ascontiguousarray(-2.0 * c32.T)
         c_sq = _sq_norms(c32)
         changed = 0
-        for ids in _blocks(cand, self.block):
+        for ids, (dist, new) in _in_order(self.measure, _blocks(cand, self.block),
+                                          (c_t, c_sq), self.pool):
             m = ids.size
-            rows = np.take(self.x, ids, axis=0, out=self.rows_buf[:m], mode="clip")
-            dist = np.matmul(rows, c_t, out=self.dist_buf[:m])  # -2 x·c
-            dist += c_sq
-            dist += self.x_sq[ids][:, None]
-            np.maximum(dist, 0.0, out=dist)
-            np.sqrt(dist, out=dist)
-            new = dist.argmin(axis=1).astype(np.int32)
             self.measured += m
             at = np.arange(m)
             nearest = dist[at, new]
@@ -265,7 +363,7 @@ class _State:
                 continue
             changed += int(moved.sum())
             if update_sums:  # the moved rows leave their old clusters' sums, join the new ones'
-                _move_rows(self.sums, self.sizes, rows[moved], new[moved],
+                _move_rows(self.sums, self.sizes, self.x[ids[moved]], new[moved],
                            None if first else old[moved])
             self.labels[ids] = new
         return changed
@@ -304,7 +402,8 @@ class _State:
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_ITER,
            tol: float = DEFAULT_TOL, init_sample: int | None = None,
-           init: np.ndarray | None = None, progress: Progress | None = None) -> KMeansResult:
+           init: np.ndarray | None = None, progress: Progress | None = None,
+           workers: int | None = None) -> KMeansResult:
     """k-means of the rows of ``x`` into ``k`` clusters (Lloyd's algorithm from k-means++,
     with Elkan's bounds; see the module's docstring).
 
@@ -314,7 +413,8 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_
     times the inertia, or after ``max_iter`` iterations; the labels returned are each row's
     nearest centroid among the centroids returned. ``init`` gives the initial centroids
     instead of k-means++. ``progress`` is called after each iteration with its number, how
-    many rows changed cluster and the inertia.
+    many rows changed cluster and the inertia. ``workers`` threads measure the rows (default:
+    one per CPU this process may use), each with single-threaded BLAS.
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -330,7 +430,24 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, *, max_iter: int = DEFAULT_MAX_
         centroids = np.array(init, dtype=np.float64)
         if centroids.shape != (k, d):
             raise ValueError(f"init has shape {centroids.shape}, expected {(k, d)}")
-    state = _State(x, k)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    with _blas_threads(1 if workers > 1 else None) as limited:
+        return _lloyd(x, k, seed, centroids, max_iter, tol, progress,
+                      workers if limited else 1, t0)
+
+
+def _lloyd(x: np.ndarray, k: int, seed: int, centroids: np.ndarray, max_iter: int, tol: float,
+           progress: Progress | None, workers: int, t0: float) -> KMeansResult:
+    state = _State(x, k, workers)
+    try:
+        return _iterate(state, seed, centroids, max_iter, tol, progress, t0)
+    finally:
+        if state.pool is not None:
+            state.pool.shutdown()
+
+
+def _iterate(state: _State, seed: int, centroids: np.ndarray, max_iter: int, tol: float,
+             progress: Progress | None, t0: float) -> KMeansResult:
     shift: np.ndarray | None = None  # how far each centroid moved in the last update
     n_iter, converged = 0, False
     before = np.inf  # the inertia after the previous iteration

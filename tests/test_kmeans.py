@@ -278,3 +278,20 @@ def test_stability_is_one_for_repeated_clusters_and_low_for_reshuffled_ones():
     noise = rng.normal(size=(400, 10)).astype(np.float32)
     shuffled = [kmeans(noise, 4, s) for s in range(3)]
     assert min(float(np.nanmean(s)) for s in stability(shuffled)) < 0.95
+
+
+def test_the_result_does_not_depend_on_the_worker_threads(monkeypatch):
+    """Blocks measured in several threads are applied in order: the same labels, centroids
+    and inertia with one thread or four, and BLAS gets its thread count back."""
+    monkeypatch.setattr(km, "BLOCK_BYTES", 64 * 1024)  # many blocks, so threads interleave
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(6000, 24)).astype(np.float32)
+    control = km._openblas()
+    before = control[0]() if control else None
+    one = kmeans(x, 30, seed=2, workers=1)
+    four = kmeans(x, 30, seed=2, workers=4)
+    np.testing.assert_array_equal(one.labels, four.labels)
+    np.testing.assert_array_equal(one.centroids, four.centroids)
+    assert one.inertia == four.inertia and one.n_iter == four.n_iter
+    if control:
+        assert control[0]() == before
