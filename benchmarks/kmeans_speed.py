@@ -16,6 +16,11 @@ iteration, and the whole run (its k-means++ start plus as many iterations as the
 run took). The extrapolation is printed as such.
 
     .venv/bin/python benchmarks/kmeans_speed.py [smollm2 gemma3-270m] [--seeds 3] [-k 100]
+        [--to-the-end smollm2]
+
+``--to-the-end`` models are also clustered with ``tol=0`` (until no row changes cluster):
+iterations, seconds, the seeds' agreement then, and how far each seed's partition and inertia
+are from those at the default tolerance.
 
 Writes benchmarks/results/kmeans_speed.json and prints a table. The machine's load average
 before and after each model is recorded: other processes on a 2-core machine slow it down.
@@ -122,8 +127,21 @@ def naive_baseline(x: np.ndarray, k: int, sample: int, iterations: int, n_iter_f
             "extrapolated": True}
 
 
+def to_the_end(x: np.ndarray, k: int, seeds: list[int], default: list) -> dict:
+    """The same seeds with ``tol=0`` (until no row changes cluster): how many iterations,
+    how long, and whether the seeds agree more than at the default tolerance."""
+    runs = [kmeans(x, k, seed, tol=0.0, max_iter=2000) for seed in seeds]
+    agreement, pairs = pairwise_agreement(runs)
+    return {"seeds": [{"seed": r.seed, "wall_s": round(r.wall_s, 2), "n_iter": r.n_iter,
+                       "converged": r.converged, "inertia": round(r.inertia, 3),
+                       "ari_with_default_tol": adjusted_rand_index(r.labels, d.labels),
+                       "inertia_gain_over_default_tol": round(1 - r.inertia / d.inertia, 6)}
+                      for r, d in zip(runs, default, strict=True)],
+            "agreement_mean_ari": agreement, "pairs": [[a, b, ari] for a, b, ari in pairs]}
+
+
 def bench(model: str, k: int, seeds: list[int], backend: str | None, sample: int,
-          iterations: int) -> dict:
+          iterations: int, converge: bool) -> dict:
     t0 = time.perf_counter()
     x = token_rows(model, backend)
     load_s = time.perf_counter() - t0
@@ -158,6 +176,12 @@ def bench(model: str, k: int, seeds: list[int], backend: str | None, sample: int
            "naive": naive,
            "speedup_per_iteration": round(naive["estimated_iteration_s"] / per_iter_fast, 1),
            "speedup_per_run": round(naive["estimated_run_s"] / float(np.mean(wall)), 1)}
+    if converge:
+        out["to_the_end"] = end = to_the_end(x, k, seeds, results)
+        print(f"  to the end (tol 0): iterations "
+              f"{[r['n_iter'] for r in end['seeds']]}, seconds "
+              f"{[r['wall_s'] for r in end['seeds']]}, agreement "
+              f"{end['agreement_mean_ari']:.3f}", flush=True)
     print(f"  agreement (mean ARI) {agreement:.3f}; naive: {naive['per_row_iteration_us']} µs "
           f"per row and iteration on {naive['sample_rows']:,} rows (labels equal: "
           f"{naive['labels_equal_to_vectorised_on_sample']:.3f}), extrapolated "
@@ -174,13 +198,15 @@ def main() -> None:
     ap.add_argument("--backend", default=None)
     ap.add_argument("--sample", type=int, default=2000, help="rows of the naive baseline")
     ap.add_argument("--iterations", type=int, default=3, help="naive iterations timed")
+    ap.add_argument("--to-the-end", nargs="*", default=["smollm2"], metavar="MODEL",
+                    help="models also run with tol=0, until no row changes cluster")
     args = ap.parse_args()
     results = {}
     if OUT.exists():
         results = json.loads(OUT.read_text()).get("models", {})
     for model in args.models:
         results[model] = bench(model, args.k, list(range(args.seeds)), args.backend,
-                               args.sample, args.iterations)
+                               args.sample, args.iterations, model in args.to_the_end)
     env = {"cpus": os.cpu_count(), "machine": platform.machine(),
            "python": platform.python_version(), "numpy": np.__version__,
            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),

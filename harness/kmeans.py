@@ -285,19 +285,34 @@ class _State:
 
     def candidates(self, c32: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
         """The rows whose cluster may have changed since the centroids moved by ``shift``
-        (None: the first assignment, every row). One pass in cache-sized chunks: the bounds
-        move by the shifts, and a row they no longer settle gets its exact distance to its
-        own centroid (one row, one centroid) before it is sent to be measured against every
-        centroid; in the first iterations, where most rows fail and that check spares few,
-        they are sent straight away."""
+        (None: the first assignment, every row). One pass in cache-sized chunks (stretches
+        of them in the worker threads): the bounds move by the shifts, and a row they no
+        longer settle gets its exact distance to its own centroid (one row, one centroid)
+        before it is sent to be measured against every centroid; in the first iterations,
+        where most rows fail and that check spares few, they are sent straight away."""
         n = self.x.shape[0]
         if shift is None or not self.bounded:
             return np.arange(n)
-        found = []
         tighten = self.failing < TIGHTEN_BELOW
+        parts = 4 * (self.pool._max_workers if self.pool is not None else 1)
+        step = -(-n // (parts * self.chunk)) * self.chunk
+        stretches = [np.array([s, min(s + step, n)]) for s in range(0, n, step)]
+        found, failing = [], 0
+        for _, (cand, fails) in _in_order(self._stretch, stretches, (c32, shift, tighten),
+                                          self.pool):
+            found.append(cand)
+            failing += fails
+        self.failing = failing / n
+        return np.concatenate(found)
+
+    def _stretch(self, bounds: np.ndarray, c32: np.ndarray, shift: np.ndarray,
+                 tighten: bool) -> tuple[np.ndarray, int]:
+        """``candidates`` over rows ``bounds[0]:bounds[1]``: (the rows, how many failed the
+        bounds)."""
+        found = []
         failing = 0
-        for s in range(0, n, self.chunk):
-            e = min(s + self.chunk, n)
+        for s in range(int(bounds[0]), int(bounds[1]), self.chunk):
+            e = min(s + self.chunk, int(bounds[1]))
             lc, uc, ac = self.lower[s:e], self.upper[s:e], self.labels[s:e]
             lc -= shift  # every other centroid may have come this much closer
             lmin = lc.min(axis=1)
@@ -311,8 +326,7 @@ class _State:
                 cand = cand[uc[cand] > lmin[cand]]
             if cand.size:
                 found.append(cand + s)
-        self.failing = failing / n
-        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+        return (np.concatenate(found) if found else np.zeros(0, dtype=np.int64)), failing
 
     def measure(self, ids: np.ndarray, c_t: np.ndarray, c_sq: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
