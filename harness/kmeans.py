@@ -63,6 +63,7 @@ BLOCK_BYTES = 64 << 20  # rows gathered for one matrix product: large, so that B
 BOUNDS_BYTES = 1 << 30  # the most memory Elkan's lower bounds (rows × k float32) may take
 ONE_HOT_MAX_K = 256  # centroid sums by a one-hot matrix product up to this k, else sorted
 TIGHTEN_BELOW = 0.6  # own-centroid check first only when fewer rows than this share fail
+MEASURE_ALL = 0.9  # when more rows than this share are to be measured, measure every row
 
 
 @dataclass
@@ -333,14 +334,18 @@ class _State:
         """Distances (m, k) of rows ``ids`` to every centroid (``c_t``: -2 × the centroids,
         transposed) and the nearest one. Safe to run in several threads at once."""
         m = ids.size
-        buf = getattr(self.local, "rows", None)
-        if buf is None or buf.shape[0] < m:
-            buf = self.local.rows = np.empty((max(m, self.block), self.x.shape[1]),
-                                             dtype=np.float32)
-        rows = np.take(self.x, ids, axis=0, out=buf[:m], mode="clip")
+        if int(ids[-1]) - int(ids[0]) + 1 == m:  # a stretch of rows: no copy
+            rows, rows_sq = self.x[ids[0]:ids[-1] + 1], self.x_sq[ids[0]:ids[-1] + 1]
+        else:
+            buf = getattr(self.local, "rows", None)
+            if buf is None or buf.shape[0] < m:
+                buf = self.local.rows = np.empty((max(m, self.block), self.x.shape[1]),
+                                                 dtype=np.float32)
+            rows = np.take(self.x, ids, axis=0, out=buf[:m], mode="clip")
+            rows_sq = self.x_sq[ids]
         dist = rows @ c_t  # -2 x·c
         dist += c_sq
-        dist += self.x_sq[ids][:, None]
+        dist += rows_sq[:, None]
         np.maximum(dist, 0.0, out=dist)
         np.sqrt(dist, out=dist)
         return dist, dist.argmin(axis=1).astype(np.int32)
@@ -354,6 +359,8 @@ class _State:
         number of threads."""
         c_t = np.ascontiguousarray(-2.0 * c32.T)
         c_sq = _sq_norms(c32)
+        if cand.size > MEASURE_ALL * self.x.shape[0]:  # stretches of rows need no gathering
+            cand = np.arange(self.x.shape[0])
         changed = 0
         for ids, (dist, new) in _in_order(self.measure, _blocks(cand, self.block),
                                           (c_t, c_sq), self.pool):
