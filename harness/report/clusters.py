@@ -59,11 +59,12 @@ def sizes_plot(s: ClusteringSummary) -> str:
                     textcoords="offset points", ha="center", fontsize="small",
                     arrowprops={"arrowstyle": "-", "color": COLOURS[GLITCH]})
     ax.set_yscale("log")
+    ax.set_ylim(0.7, max(float(size.max(initial=1)), 1.0) * 6)  # room for the label above
     ax.set_xlabel("clusters, by distance of the centroid to the centroid of the whole matrix")
     ax.set_ylabel("tokens (log scale)")
     ax.set_xticks([])
     ax.set_title(f"{s.clustering.matrix} matrix: k = {s.clustering.k}, seed {s.seed}")
-    ax.legend(fontsize="small")
+    fig.legend(loc="outside lower center", ncols=3, fontsize="small")
     return _png(fig)
 
 
