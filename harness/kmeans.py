@@ -15,7 +15,8 @@ change its result:
   as much (triangle inequality), and only the rows whose bounds no longer prove that their
   cluster is unchanged are measured again (after a check of the exact distance to their own
   centroid, once few rows fail: in 600 dimensions the bounds are loose, so that check pays
-  off late, not early);
+  off late, not early; when nearly every row fails, every row is measured, in stretches that
+  need no gathering);
 * the centroid sums follow the rows that changed cluster only (a ±1 one-hot matrix product),
   and the inertia (sum of squared distances) follows from those moves and the centroid shifts
   exactly, without a pass over the matrix.
@@ -33,8 +34,9 @@ sample rather than over the whole matrix, and Lloyd's iterations move the centro
 whole matrix anyway.
 
 Distances are computed in float32 (sums in float64), so two runs of the same seed give the
-same labels with the same BLAS and thread count; a row at an exact tie between two centroids
-may be placed differently than a float64 computation would place it.
+same labels on the same machine and BLAS, whatever the number of threads; a row at an exact
+tie between two centroids may be placed differently than a float64 computation would place
+it.
 """
 
 from __future__ import annotations
