@@ -29,8 +29,10 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from harness import __version__, paths
+from harness.clusters import DEFAULT_K, DEFAULT_TOP
 from harness.db import open_db
 from harness.errors import HarnessError
+from harness.kmeans import DEFAULT_MAX_ITER, DEFAULT_TOL
 from harness.options import parse_assignments
 from harness.plugins import get_plugin_manager, registry
 from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
@@ -632,6 +634,145 @@ def cmd_show(
     out.print("[bold]structure[/]" + ("" if info.facts_stored else " (computed now)"))
     for line in describe_facts(info):
         out.print(f"  {escape(line)}", highlight=False)
+def _seed_list(seeds: int | None, seed: list[int] | None) -> list[int]:
+    """The seeds ``--seeds N`` (0..N-1) or ``--seed S`` (repeatable) give."""
+    from harness.clusters import DEFAULT_SEEDS
+
+    if seeds is not None and seed:
+        raise HarnessError("give --seeds N or --seed S (repeatable), not both")
+    if seed:
+        return list(seed)
+    n = DEFAULT_SEEDS if seeds is None else seeds
+    if n < 1:
+        raise HarnessError(f"--seeds must be at least 1 (got {n})")
+    return list(range(n))
+
+
+def cmd_clusters(
+    model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")],
+    k: Annotated[int, typer.Option("-k", help="Clusters per k-means.")] = DEFAULT_K,
+    seeds: Annotated[int | None, typer.Option(
+        help="Run k-means with seeds 0..N-1 (default 3).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(
+        "--seed", help="A seed to run (repeatable), instead of --seeds.")] = None,
+    matrix: Annotated[str, typer.Option(
+        help="auto (the input matrix, and the output matrix where it is not tied), input, "
+             "output or both.")] = "auto",
+    top: Annotated[int, typer.Option(
+        help="Rows of the table of tokens closest to the centroid of the whole matrix.")]
+    = DEFAULT_TOP,
+    show: Annotated[int, typer.Option(
+        "--clusters", help="How many clusters to list (the most notable first).")] = 12,
+    max_iter: Annotated[int, typer.Option(help="Most Lloyd iterations per seed.")]
+    = DEFAULT_MAX_ITER,
+    tol: Annotated[float, typer.Option(
+        help="Stop when an iteration lowers the inertia (sum of squared distances) by no more "
+             "than this fraction of it; 0: only when no token changes cluster.")]
+    = DEFAULT_TOL,
+    as_json: Annotated[bool, typer.Option("--json", help="Everything as JSON on stdout.")]
+    = False,
+    db: DbOption = None,
+    backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
+    backend_option: BackendOptions = None,
+) -> None:
+    """k-means of MODEL's token embeddings (seed 000): clusters under several seeds and
+    their agreement (adjusted Rand index), each token's cluster stored, the cluster holding
+    the glitch tokens, and the tokens closest to the centroid of the whole matrix."""
+    from harness.clusters import cluster_model, load_summary
+
+    if top < 0 or show < 0:
+        raise HarnessError("--top and --clusters must be zero or more")
+    seed_list = _seed_list(seeds, seed)
+    engine = open_db(_db_url(db))
+    progress = _progress(transient=True)
+    with progress:
+        run = cluster_model(model, engine, k=k, seeds=seed_list, matrix=matrix,
+                            backend=backend, backend_options=_backend_options(backend_option),
+                            max_iter=max_iter, tol=tol, reporter=RichReporter(progress))
+    summaries = [load_summary(engine, run.model_id, m.clustering_id, top, shown=show)
+                 for m in run.matrices]
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "model": run.label, "ref": run.ref.ref, "model_id": run.model_id,
+            "tokens": run.n_tokens, "tied": run.tied, "load_s": run.load_s, "notes": run.notes,
+            "clusterings": [s.as_dict() for s in summaries]}, ensure_ascii=False, indent=2)
+            + "\n")
+        return
+    out.print(f"[bold]{escape(run.label)}[/] ({escape(run.ref.ref)}), {run.n_tokens:,} tokens, "
+              f"model loaded in {run.load_s:.1f} s")
+    for note in run.notes:
+        out.print(f"  [dim]{escape(note)}[/]")
+    for m, summary in zip(run.matrices, summaries, strict=True):
+        _print_clustering(m, summary, show)
+
+
+def _print_clustering(m: Any, s: Any, show: int) -> None:
+    """One matrix's clustering: the seeds, their agreement, the clusters, the tokens closest
+    to the centroid."""
+    out.print(f"\n[bold]{m.matrix} embeddings[/] ({m.rows:,} × {m.dim}), k = {m.k}, "
+              f"clustering {m.clustering_id}, {m.wall_s:.1f} s")
+    for r in m.seeds:
+        state = "converged" if r.converged else "[yellow]stopped at --max-iter[/]"
+        empty = f", {r.empty} empty clusters" if r.empty else ""
+        out.print(f"  seed {r.seed}: {r.n_iter} iterations, {state}, {r.wall_s:.1f} s, "
+                  f"inertia {r.inertia:,.1f}{empty}")
+    if m.agreement is not None:
+        pairs = ", ".join(f"{a}–{b}: {ari:.3f}" for a, b, ari in m.pairs)
+        out.print(f"  agreement between the seeds (adjusted Rand index, mean of "
+                  f"{len(m.pairs)} pair{'s' if len(m.pairs) != 1 else ''}): "
+                  f"[bold]{m.agreement:.3f}[/] ({pairs})")
+    else:
+        out.print("  [dim]one seed: no agreement to measure (give --seeds 2 or more)[/]")
+    if s.verdict_run is None:
+        out.print("  [dim]no final verdicts stored for this model: run `harness scan` for the "
+                  "glitch and suspect counts per cluster[/]")
+    elif s.glitch_cluster is not None:
+        view = next(v for v in s.clusters if v.cluster == s.glitch_cluster)
+        count = view.glitch if s.glitch_kind == GLITCH else view.suspect
+        total = s.glitch_total if s.glitch_kind == GLITCH else \
+            sum(v.suspect for v in s.clusters)
+        out.print(f"  the {s.glitch_kind} tokens: {count} of {total} in cluster "
+                  f"[bold]{s.glitch_cluster}[/] ({view.size:,} tokens)")
+    stable = [v.stability for v in s.clusters if v.stability is not None]
+    title = (f"Clusters of seed {s.seed} ({min(show, len(s.clusters))} of {len(s.clusters)}, "
+             "most glitch tokens first, then nearest the global centroid)")
+    table = Table(title=title)
+    for col, justify in (("cluster", "right"), ("size", "right"), ("to centroid", "right"),
+                         ("stability", "right"), ("glitch", "right"), ("suspect", "right"),
+                         ("members nearest its centroid", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for v in s.clusters[:show]:
+        mark = " [red]◀[/]" if v.cluster == s.glitch_cluster else ""
+        table.add_row(f"{v.cluster}{mark}", f"{v.size:,}", f"{v.centroid_distance:.4f}",
+                      "-" if v.stability is None else f"{v.stability:.2f}",
+                      str(v.glitch) if s.verdict_run is not None else "-",
+                      str(v.suspect) if s.verdict_run is not None else "-",
+                      " ".join(escape(t) for _, t in v.members))
+    if show:
+        out.print(table)
+    if stable:
+        n90 = sum(x >= 0.9 for x in stable)
+        n50 = sum(x >= 0.5 for x in stable)
+        out.print(f"  [dim]stability: mean best Jaccard index of the cluster's tokens with a "
+                  f"cluster of each other seed; {n90} of {len(stable)} clusters ≥ 0.9, "
+                  f"{n50} ≥ 0.5[/]")
+    if s.closest:
+        table = Table(title=f"Tokens closest to the centroid of the {m.matrix} matrix")
+        for col in ("rank", "id", "token", "distance", "cluster", "verdict"):
+            table.add_column(col, justify="left" if col in ("token", "verdict") else "right",
+                             overflow="fold")
+        for i, n in enumerate(s.closest, 1):
+            table.add_row(str(i), str(n.token_id), token_markup_raw(n.text, n.raw),
+                          f"{n.distance:.6f}", "-" if n.cluster is None else str(n.cluster),
+                          _styled(n.verdict) if n.verdict else "-")
+        out.print(table)
+    out.print(f"[dim]Each token's cluster: `harness sql \"SELECT * FROM token_clusters WHERE "
+              f"clustering_id = {m.clustering_id}\"`.[/]")
+
+
+def token_markup_raw(text: str, raw: bytes) -> str:
+    """``token_repr`` of a token (its bytes where they are not UTF-8), escaped for rich."""
+    return escape(token_repr(text, raw))
 
 
 def cmd_db_path(db: DbOption = None) -> None:
@@ -653,6 +794,7 @@ def build_app() -> typer.Typer:
     app.command("check")(cmd_check)
     app.command("export")(cmd_export)
     app.command("show")(cmd_show)
+    app.command("clusters")(cmd_clusters)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)
     app.add_typer(db_app, name="db")

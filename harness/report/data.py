@@ -86,6 +86,7 @@ class ModelReport:
     glitch_ids: list[int] = field(default_factory=list)
     glitch_raw: list[bytes] = field(default_factory=list)
     glitch_shown: list[str] = field(default_factory=list)  # token_repr of each
+    clusterings: list[Any] = field(default_factory=list)  # harness.clusters.ClusteringSummary
 
     @property
     def model_id(self) -> int:
@@ -155,6 +156,9 @@ def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
         model=replace(m, created_utc=_as_datetime(m.created_utc)), label=name, runs=runs,
         static=static, final=final, verifier=None)
     _load_tokens(engine, report, verifying, cap)
+    from harness.report.clusters import load_clusterings
+
+    report.clusterings = load_clusterings(engine, model_id)
     return report
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from harness import __version__
 from harness.paths import display_url
+from harness.report.clusters import clusters_html
 from harness.report.data import TABLE_CAP, ModelReport, load_models
 from harness.report.plots import bar_chart, histogram, scatter
 from harness.verdicts import FLAGGED, GLITCH, SUSPECT, VERDICTS
@@ -47,6 +48,7 @@ figcaption { font-size: 0.88em; color: #444; margin-top: 0.3em; }
 .v-error { color: #8e44ad; }
 .note { background: #fff8e1; border-left: 4px solid #e67e22; padding: 0.4em 0.8em; }
 ul.ev { margin: 0; padding-left: 1.1em; }
+tr.glitch-cluster td { background: #fdecea; }
 footer { margin-top: 3em; color: #777; font-size: 0.85em; }
 """
 
@@ -306,7 +308,8 @@ def render(reports: list[ModelReport], source: str = "") -> str:
         title = {GLITCH: "Glitch tokens", SUSPECT: "Suspect tokens (none verified)",
                  "flagged": "Flagged tokens (no final verdicts)",
                  "none": "Glitch tokens"}[rep.rows_kind]
-        parts.append(f"<h3>{title}</h3>" + _token_table(rep) + "</section>")
+        parts.append(f"<h3>{title}</h3>" + _token_table(rep))
+        parts.append(clusters_html(rep.clusterings, rep.model_id) + "</section>")
     if len(reports) > 1:
         parts.append(_overlap(reports))
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
