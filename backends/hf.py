@@ -22,6 +22,7 @@ from harness import paths
 from harness.backend import (
     Backend,
     Capability,
+    Differentiable,
     Fingerprint,
     GenerateRequest,
     GenerateResult,
@@ -58,7 +59,7 @@ class HFBackend(Backend):
 
     name = "hf"
     capabilities = frozenset({Capability.VOCAB, Capability.EMBEDDINGS, Capability.SCORE,
-                              Capability.GENERATE})
+                              Capability.GENERATE, Capability.GRADIENTS})
     load_options = (
         BackendOption("dtype", str, "auto", "auto, float32, bfloat16 or float16"),
         BackendOption("device", str, "auto", "auto (CUDA when present), cpu, cuda, cuda:1 ..."),
@@ -234,6 +235,11 @@ class HFBackend(Backend):
         head = self.model.get_output_embeddings()
         emb = self.model.get_input_embeddings()
         return head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+
+    def differentiable(self) -> Differentiable:
+        """The model as a differentiable function of its input embeddings (its own weights
+        frozen): what ``harness.elicitation`` optimises prompts through."""
+        return _HFDifferentiable(self)
 
     # --- batched inference ------------------------------------------------------------------
     #
@@ -609,6 +615,33 @@ class HFBackend(Backend):
         self.model = None
         self.tokenizer = None
         self._prefix_caches.clear()
+
+
+class _HFDifferentiable(Differentiable):
+    """``HFBackend.differentiable()``: the body fed ``inputs_embeds``, the float32 head.
+
+    A model that scales its embeddings inside the embedding layer (Gemma: by the square
+    root of the width) gets them here scaled, as its body reads them."""
+
+    def __init__(self, backend: HFBackend) -> None:
+        self.backend = backend
+        model = backend.model
+        model.requires_grad_(False)  # gradients flow to the prompt, never into the weights
+        layer = model.get_input_embeddings()
+        weight = layer.weight.detach()
+        scale = getattr(layer, "embed_scale", None)
+        if scale is not None:
+            weight = weight.float() * float(scale)
+        self.embeddings = weight.float()
+        self.device = backend.device
+        self.dtype = next(model.parameters()).dtype
+
+    def hidden(self, embeds: Any) -> Any:
+        out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype), use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: Any) -> Any:
+        return self.backend._logits(hidden)
 
 
 def chunk_rows(config: Any, budget: float, dtype_bytes: int, new_tokens: int, context: int,

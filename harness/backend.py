@@ -27,6 +27,7 @@ class Capability(StrEnum):
     EMBEDDINGS = "embeddings"  # input_embeddings() and output_embeddings()
     SCORE = "score"
     GENERATE = "generate"
+    GRADIENTS = "gradients"  # differentiable(): the model as a torch function of embeddings
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,28 @@ def ids_problem(ids: Sequence[int], n_rows: int | None) -> str | None:
         return None
     bad = sorted({int(t) for t in ids if not 0 <= t < n_rows})
     return f"token ids {bad[:5]} outside the model's 0..{n_rows - 1}" if bad else None
+
+
+class Differentiable(ABC):
+    """A white-box model as a differentiable function of its input embeddings, for optimisers
+    that work in the embedding space (``harness.elicitation``). What a backend with
+    ``Capability.GRADIENTS`` hands out from ``Backend.differentiable()``.
+
+    Values are torch tensors on ``device``; the core imports torch only when it uses one. The
+    model's own weights take no gradient: only what is computed from ``embeds`` does.
+    """
+
+    embeddings: Any  # (rows, d) float32, no gradient: row t is what the model reads for token t
+    device: str
+
+    @abstractmethod
+    def hidden(self, embeds: Any) -> Any:
+        """The final hidden states (B, T, d) after reading ``embeds`` (B, T, d) from the
+        start of the context (rows of ``embeddings``, or any point between them)."""
+
+    @abstractmethod
+    def logits(self, hidden: Any) -> Any:
+        """Float32 next-token logits (..., rows) from final hidden states (..., d)."""
 
 
 @dataclass
@@ -221,6 +244,11 @@ class Backend(ABC):
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         raise NotImplementedError(f"{self.name} backend cannot score")
+
+    def differentiable(self) -> Differentiable:
+        """The model as a differentiable function (backends with ``Capability.GRADIENTS``)."""
+        raise HarnessError(f"backend {self.name!r} has no gradients; elicitation needs a "
+                           "white-box backend such as hf")
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         raise NotImplementedError(f"{self.name} backend cannot generate")

@@ -141,7 +141,9 @@ def cmd_scan(
              f"detector a fraction of the vocabulary (below 1, e.g. {DEFAULT_CANDIDATES}) "
              "or a count; no screen.")] = None,
     tokens: Annotated[str | None, typer.Option(
-        help="Comma-separated token ids: run the behavioural detectors on exactly these.")]
+        help="Comma-separated token ids: run the behavioural detectors on exactly these; or "
+             "final verdicts (e.g. glitch,suspect): on the tokens the model's latest stored "
+             "verdicts call so.")]
     = None,
     backend_option: BackendOptions = None,
 ) -> None:
@@ -149,13 +151,18 @@ def cmd_scan(
     verification of what it does not settle and of what the static detectors flag, and one
     final verdict per token."""
     names = _detector_names(detectors)
-    token_ids = None
+    token_ids = token_verdicts = None
     if tokens is not None:
-        try:
-            token_ids = [int(t) for t in tokens.split(",") if t.strip()]
-        except ValueError:
-            raise HarnessError(f"--tokens takes comma-separated token ids, not {tokens!r}"
-                               ) from None
+        items = [t.strip() for t in tokens.split(",") if t.strip()]
+        if items and all(t in VERDICTS for t in items):
+            token_verdicts = items
+        else:
+            try:
+                token_ids = [int(t) for t in items]
+            except ValueError:
+                raise HarnessError(f"--tokens takes comma-separated token ids or final "
+                                   f"verdicts ({', '.join(VERDICTS)}), not {tokens!r}"
+                                   ) from None
     engine = open_db(_db_url(db))
     backend_options = _backend_options(backend_option)
     progress = _progress()
@@ -163,7 +170,7 @@ def cmd_scan(
         result = scan(model, engine, names, backend=backend, backend_options=backend_options,
                       detector_options=_parse_options(option or []), fresh=fresh,
                       reporter=RichReporter(progress), full=full, candidates=candidates,
-                      tokens=token_ids)
+                      tokens=token_ids, token_verdicts=token_verdicts)
     out.print(f"[bold]{escape(result.ref.alias or result.ref.ref)}[/] "
               f"({escape(result.ref.ref)}), {result.vocab_size} tokens, "
               f"model loaded in {result.load_s:.1f} s")
@@ -775,6 +782,82 @@ def token_markup_raw(text: str, raw: bytes) -> str:
     return escape(token_repr(text, raw))
 
 
+def cmd_elicit(
+    model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")],
+    target: Annotated[str, typer.Argument(
+        help="The text the model should say next (with --ids: comma-separated token ids).")],
+    positions: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimisation steps at most.")] = 100,
+    restarts: Annotated[int, typer.Option(
+        help="Random starts, all in one batch; restart R starts from seed SEED+R.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the first restart.")] = 0,
+    lr: Annotated[float, typer.Option(help="Adam's learning rate.")] = 0.3,
+    reg: Annotated[float, typer.Option(
+        help="Weight of the distance to the nearest token in the loss.")] = 0.1,
+    swaps: Annotated[int, typer.Option(
+        help="Gradient-ranked one-token changes tried per restart and step (0: pure PEZ).")]
+    = 16,
+    stop_at: Annotated[float, typer.Option(
+        help="A restart stops once its prompt gives the target this probability.")] = 0.9,
+    ids: Annotated[bool, typer.Option(
+        "--ids", help="TARGET is token ids (e.g. a token no text encodes to).")] = False,
+    allow_target: Annotated[bool, typer.Option(
+        "--allow-target", help="Let the prompt hold the target's own tokens (the model may "
+                               "then just copy them).")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    db: DbOption = None,
+    backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
+    backend_option: BackendOptions = None,
+) -> None:
+    """Optimise prompts that make MODEL say TARGET (seed 000's prompt generation): gradient
+    descent in the embedding space, projected onto real tokens; every restart is stored."""
+    from harness.elicitation import ElicitOptions, run_session
+
+    options = ElicitOptions(positions=positions, steps=steps, lr=lr, reg=reg, swaps=swaps,
+                            stop_at=stop_at, allow_target=allow_target)
+    engine = open_db(_db_url(db))
+    progress = _progress(transient=True)
+    with progress:
+        s = run_session(engine, model, target, restarts=restarts, seed=seed, options=options,
+                        as_ids=ids, backend=backend,
+                        backend_options=_backend_options(backend_option),
+                        reporter=RichReporter(progress))
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "model": s.label, "model_id": s.model_id, "session": s.session,
+            "target": s.target_text, "target_ids": s.target_ids,
+            "options": {**options.__dict__, "restarts": restarts, "seed": seed},
+            "wall_s": round(s.wall_s, 3),
+            "restarts": [{"restart": f.row.restart, "seed": f.row.seed,
+                          "probability": f.probability, "steps": f.steps,
+                          "prompt_ids": f.prompt_ids, "prompt_text": t,
+                          "wall_s": round(f.wall_s, 3)}
+                         for f, t in zip(s.results, s.prompt_texts, strict=True)],
+            "token_frequencies": [{"id": t, "text": x, "count": n}
+                                  for t, x, n in s.frequencies]},
+            ensure_ascii=False, indent=2) + "\n")
+        return
+    table = Table(title=f"Prompts that make {escape(s.label)} say "
+                        f"{token_markup(s.target_text)} {s.target_ids}")
+    for c in ("restart", "seed", "p(target)", "steps", "prompt", "prompt ids"):
+        table.add_column(c, justify="right" if c in ("restart", "seed", "steps") else "left",
+                         overflow="fold")
+    for f, t in sorted(zip(s.results, s.prompt_texts, strict=True),
+                       key=lambda ft: -ft[0].probability):
+        table.add_row(str(f.row.restart), str(f.row.seed), f"{f.probability:.4g}",
+                      str(f.steps), token_markup(t), " ".join(map(str, f.prompt_ids)))
+    out.print(table)
+    freq = Table(title="Tokens the optimiser kept choosing (count over restarts)")
+    for c in ("id", "token", "count"):
+        freq.add_column(c, justify="right" if c != "token" else "left")
+    for t, x, n in s.frequencies:
+        freq.add_row(str(t), token_markup(x), str(n))
+    out.print(freq)
+    out.print(f"[dim]{len(s.results)} restarts in {s.wall_s:.1f} s, stored as session "
+              f"{s.session}: harness sql \"SELECT * FROM elicitations WHERE session = "
+              f"'{s.session}'\"[/]")
+
+
 def cmd_db_path(db: DbOption = None) -> None:
     """Print where the results database is."""
     print(paths.display_url(_db_url(db)))
@@ -795,6 +878,7 @@ def build_app() -> typer.Typer:
     app.command("export")(cmd_export)
     app.command("show")(cmd_show)
     app.command("clusters")(cmd_clusters)
+    app.command("elicit")(cmd_elicit)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)
     app.add_typer(db_app, name="db")

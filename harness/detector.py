@@ -69,6 +69,9 @@ class ScanContext:
     categories: np.ndarray
     progress: Callable[[int], None] = lambda n: None
     scope: np.ndarray | None = None  # every token the run covers (None: the whole vocabulary)
+    # the verdict per token id ("" where none) of the latest finished run of the named
+    # detector on this model, None when it has none (given by a scan; None outside one)
+    verdicts_of: Callable[[str], np.ndarray | None] | None = None
 
     def scope_ids(self) -> np.ndarray:
         return np.arange(len(self.vocab)) if self.scope is None else self.scope
@@ -133,6 +136,12 @@ class Detector:
         """Yield findings for ``token_ids`` in batches (lists of ``Finding`` or one
         ``FindingArrays``); each batch is committed as it comes."""
         raise NotImplementedError
+
+    def store_extra(self, conn: Any, model_id: int, run_id: int,
+                    batch: list[Finding] | FindingArrays) -> None:
+        """Store what a batch produced besides its findings (rows of a table of its own,
+        through ``harness.store``), in the transaction that stores the batch's findings.
+        Default: nothing."""
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:

@@ -224,6 +224,7 @@ def run_detector(engine: Engine, model_id: int, detector: Detector, ctx: ScanCon
 
     def store_batch(conn: Any, batch: list[Finding] | FindingArrays) -> int:
         store.insert_findings(conn, run_id, _finding_rows(batch))
+        detector.store_extra(conn, model_id, run_id, batch)
         return len(batch)
 
     try:
@@ -346,6 +347,34 @@ class FinalVerdict(Detector):
                for t in token_ids.tolist()]
 
 
+def _verdicts_of(engine: Engine, model_id: int, size: int
+                 ) -> Callable[[str], np.ndarray | None]:
+    """``ScanContext.verdicts_of`` for a model: a detector's latest finished run's verdict
+    per token id ("" where none), None when it has no finished run."""
+    def read(name: str) -> np.ndarray | None:
+        with engine.connect() as conn:
+            runs = [r for r in store.latest_done_runs(conn, model_id) if r.detector == name]
+            return store.run_arrays(conn, runs[-1].id, size)[1] if runs else None
+    return read
+
+
+def tokens_with_final_verdict(engine: Engine, model_id: int, model: str,
+                              verdicts: Sequence[str]) -> np.ndarray:
+    """The tokens whose final verdict in the model's latest verdict run is one of
+    ``verdicts`` (one clear line when there is no verdict run, or no such token)."""
+    with engine.connect() as conn:
+        run_id = store.latest_verdict_run(conn, model_id)
+        if run_id is None:
+            raise HarnessError(f"{model!r} has no final verdicts stored to take "
+                               f"{','.join(verdicts)} tokens from: run `harness scan "
+                               f"{model}` first")
+        ids = store.token_ids_with_verdict(conn, [run_id], list(verdicts))
+    if len(ids) == 0:
+        raise HarnessError(f"no token of {model!r} has the final verdict "
+                           f"{' or '.join(verdicts)} (verdict run {run_id})")
+    return ids
+
+
 def record_verdicts(engine: Engine, ctx: ScanContext, model_id: int, reg: Registry,
                     reporter: Reporter, fresh: bool = False) -> DetectorOutcome | None:
     """The final verdict of every token (``FinalVerdict``) from every detector's finished
@@ -400,7 +429,8 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
          detector_options: dict[str, dict[str, Any]] | None = None, fresh: bool = False,
          reporter: Reporter | None = None, full: bool = False,
          candidates: float | None = None,
-         tokens: Sequence[int] | None = None) -> ScanResult:
+         tokens: Sequence[int] | None = None,
+         token_verdicts: Sequence[str] | None = None) -> ScanResult:
     """Scan ``model`` and store everything in ``engine``'s database.
 
     The static detectors run on the whole vocabulary. By default every token is then
@@ -408,20 +438,24 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
     behavioural detectors on every token it does not settle and every token a static
     detector flags. ``candidates`` (the budget mode) runs them on the static detectors' most
     suspicious tokens instead, ``full`` on every token (no screen: the exact path), and
-    ``tokens`` on exactly these. A final verdict per token, from every detector's latest
-    finished runs on the model, is stored as a run of the pseudo-detector ``verdict``.
+    ``tokens`` on exactly these, ``token_verdicts`` on the tokens whose stored final
+    verdict (the model's latest) is one of these (e.g. ``glitch``, ``suspect``: a finished
+    scan's tokens). A final verdict per token, from every detector's latest finished runs on
+    the model, is stored as a run of the pseudo-detector ``verdict``.
     """
     reporter = reporter or Reporter()
-    if sum([full, candidates is not None, tokens is not None]) > 1:
+    if sum([full, candidates is not None, tokens is not None,
+            token_verdicts is not None]) > 1:
         raise HarnessError("--full, --candidates and --tokens each pick the tokens to "
                            "examine: give one of them")
+    picked = tokens is not None or token_verdicts is not None
     if candidates is not None and candidates <= 0:
         raise HarnessError("--candidates must be positive")
     reg = registry()
     names = list(detectors) if detectors else reg.default_detectors()
     dets = make_detectors(names, reg, detector_options or {})
     verifying = any(d.behavioural and not d.screens for d in dets)
-    if verifying and not full and tokens is None:
+    if verifying and not full and not picked:
         # whole-vocabulary pipeline: a screen and the static flags pick what to verify;
         # budget mode: the static scores pick it
         extra = [n for n in reg.default_static() if n not in names]
@@ -441,7 +475,8 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
         this_scan: dict[str, tuple[int, Detector]] = {}
 
         def run(det: Detector, scope: np.ndarray | None, hint: str | None = None) -> None:
-            ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope)
+            ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope,
+                              verdicts_of=_verdicts_of(engine, model_id, len(vocab)))
             outcome = run_detector(engine, model_id, det, ctx, reporter, fresh, hint)
             result.outcomes.append(outcome)
             if outcome.status in FINISHED:
@@ -458,6 +493,9 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
                 if bad:
                     raise HarnessError(f"token ids {bad[:5]} are outside 0..{len(vocab) - 1}")
                 scope = np.unique(np.asarray(tokens, dtype=np.int64))
+            elif token_verdicts is not None:
+                scope = tokens_with_final_verdict(engine, model_id, ref.alias or model,
+                                                  token_verdicts)
             elif candidates is not None:
                 static_runs = [rid for rid, d in this_scan.values() if not d.behavioural]
                 if not static_runs:

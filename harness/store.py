@@ -945,3 +945,95 @@ def closest_to_centroid(conn: Connection, model_id: int, clustering_id: int, see
     return [CentroidNeighbour(int(r[0]), r[1], bytes(r[2]), float(r[3]),
                               None if r[4] is None else int(r[4]),
                               r[5] if verdict is not None else None) for r in rows]
+
+
+# --- elicitations: prompts optimised to make a model say a target (issue 13) -----------------
+
+from harness.schema import Elicitation  # noqa: E402  (this section's own table)
+
+ELICITATIONS = Elicitation.__table__
+
+
+@dataclass
+class StoredElicitation:
+    """One row of ``elicitations``: one restart of one elicitation."""
+
+    id: int
+    model_id: int
+    run_id: int | None
+    session: str
+    target_ids: list[int]
+    target_text: str
+    restart: int
+    seed: int
+    n_positions: int
+    steps: int
+    prompt_ids: list[int]
+    prompt_text: str
+    probability: float
+    wall_s: float
+    options: dict[str, Any]
+    created_utc: datetime | None
+
+
+def insert_elicitations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Store elicitation restarts: dicts with ``model_id``, ``run_id`` (None for ``harness
+    elicit``), ``session``, ``target_ids`` and ``prompt_ids`` (lists), ``target_text``,
+    ``prompt_text``, ``restart``, ``seed``, ``n_positions``, ``steps``, ``probability``,
+    ``wall_s`` and ``options`` (a dict). A run's rows for a target it stored before (a
+    batch worked again after its claim was lost) replace those."""
+    if not rows:
+        return
+    redo = {(r["run_id"], json.dumps([int(t) for t in r["target_ids"]]))
+            for r in rows if r.get("run_id") is not None}
+    for run_id, target in redo:
+        conn.execute(delete(ELICITATIONS).where(ELICITATIONS.c.run_id == run_id,
+                                                ELICITATIONS.c.target_ids == target))
+    created = now()
+    _executemany(conn, insert(ELICITATIONS), [{
+        "model_id": int(r["model_id"]), "run_id": r.get("run_id"), "session": r["session"],
+        "target_ids": json.dumps([int(t) for t in r["target_ids"]]),
+        "target_text": _text_for(conn, r["target_text"]), "restart": int(r["restart"]),
+        "seed": int(r["seed"]), "n_positions": int(r["n_positions"]),
+        "steps": int(r["steps"]), "prompt_ids": json.dumps([int(t) for t in r["prompt_ids"]]),
+        "prompt_text": _text_for(conn, r["prompt_text"]),
+        "probability": float(r["probability"]), "wall_s": float(r["wall_s"]),
+        "options_json": json.dumps(r.get("options") or {}, default=str),
+        "created_utc": created} for r in rows])
+
+
+def _stored_elicitation(row: Any) -> StoredElicitation:
+    try:
+        options = json.loads(row.options_json or "{}")
+    except json.JSONDecodeError:
+        options = {}
+    return StoredElicitation(
+        int(row.id), int(row.model_id), None if row.run_id is None else int(row.run_id),
+        row.session, json.loads(row.target_ids), row.target_text, int(row.restart),
+        int(row.seed), int(row.n_positions), int(row.steps), json.loads(row.prompt_ids),
+        row.prompt_text, float(row.probability), float(row.wall_s), options, row.created_utc)
+
+
+def session_elicitations(conn: Connection, session: str) -> list[StoredElicitation]:
+    """The restarts of one elicitation session, by restart."""
+    return [_stored_elicitation(r) for r in conn.execute(
+        select(ELICITATIONS).where(ELICITATIONS.c.session == session)
+        .order_by(ELICITATIONS.c.restart, ELICITATIONS.c.id))]
+
+
+def best_token_elicitations(conn: Connection, model_id: int, token_ids: Sequence[int]
+                            ) -> dict[int, StoredElicitation]:
+    """Per token, the most probable stored elicitation of that token alone on the model
+    (by ``harness elicit`` or the ``elicit`` detector; the latest of equals)."""
+    wanted = {json.dumps([int(t)]): int(t) for t in token_ids}
+    found: dict[int, StoredElicitation] = {}
+    keys = list(wanted)
+    for i in range(0, len(keys), 500):
+        for row in conn.execute(
+                select(ELICITATIONS).where(ELICITATIONS.c.model_id == model_id,
+                                           ELICITATIONS.c.target_ids.in_(keys[i:i + 500]))
+                .order_by(ELICITATIONS.c.id)):
+            t = wanted[row.target_ids]
+            if t not in found or row.probability >= found[t].probability:
+                found[t] = _stored_elicitation(row)
+    return found

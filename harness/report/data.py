@@ -68,6 +68,8 @@ class TokenRow:
     # tokenizer-structure facts (harness.token_structure); neighbours as [id, text,
     # final verdict, cosine]
     structure: dict[str, Any] | None = None
+    # the most probable stored elicitation of the token alone (harness elicit, elicit)
+    elicitation: store.StoredElicitation | None = None
 
 
 @dataclass
@@ -195,6 +197,8 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
         if evidence_runs and shown:  # each token's latest verifier finding
             evidence = {t: _json(ev) for t, ev in store.latest_evidence(
                 conn, evidence_runs, [f.token_id for f in shown]).items()}
+        elicited = store.best_token_elicitations(conn, rep.model_id,
+                                                 [f.token_id for f in shown])
     flagged_by = {}
     for det, run in rep.runs.items():
         for t in run.token_ids[np.isin(run.verdicts, FLAGGED)].tolist():
@@ -210,7 +214,8 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
             verdict = f.verdicts[0]
         rep.rows.append(TokenRow(f.token_id, f.text, f.raw, f.category, verdict,
                                  None if score is None else float(score), by,
-                                 evidence.get(f.token_id, {})))
+                                 evidence.get(f.token_id, {}),
+                                 elicitation=elicited.get(f.token_id)))
     _load_structure(engine, rep)
 
 

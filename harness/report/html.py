@@ -210,6 +210,20 @@ def _structure(rep: ModelReport, structure: dict[str, Any] | None) -> str:
            "</details>"
 
 
+ELICITED = 0.01  # the elicit detector's threshold: below it a token stays unspeakable
+
+
+def _elicitation(e: Any) -> str:
+    """A token's best stored elicitation: its probability and the prompt, as text and ids."""
+    if e is None:
+        return "<span class='meta'>–</span>"
+    mark = "" if e.probability >= ELICITED else " class='v-glitch'"
+    return (f"<span{mark}>p={_prob(e.probability)}</span> after "
+            f"{_tok_span(repr(e.prompt_text))}<div class='meta'>ids "
+            f"{esc(' '.join(map(str, e.prompt_ids)))}, {e.n_positions} positions, "
+            f"{e.steps} steps, session {esc(e.session)}</div>")
+
+
 def _token_table(rep: ModelReport) -> str:
     if rep.rows_kind == "none":
         what = "final verdict glitch or suspect" if rep.final is not None else "flagged"
@@ -225,6 +239,7 @@ def _token_table(rep: ModelReport) -> str:
                    "verified).",
     }[rep.rows_kind]
     body = []
+    elicited = any(r.elicitation is not None for r in rep.rows)
     for r in rep.rows:
         body.append(
             f"<tr id='t{rep.model_id}-{r.token_id}'><td class='num'>{r.token_id}</td>"
@@ -232,7 +247,8 @@ def _token_table(rep: ModelReport) -> str:
             f"<td>{esc(r.category)}</td><td class='v-{esc(r.verdict)}'>{esc(r.verdict)}</td>"
             f"<td class='num'>{_prob(r.repeat_prob)}</td>"
             f"<td>{esc(', '.join(r.flagged_by)) or '–'}</td><td>{_evidence(r.evidence)}</td>"
-            f"<td>{_structure(rep, r.structure)}</td></tr>")
+            f"<td>{_structure(rep, r.structure)}</td>"
+            + (f"<td>{_elicitation(r.elicitation)}</td>" if elicited else "") + "</tr>")
     more = ""
     if rep.rows_total > len(rep.rows):
         view = "glitch_tokens" if rep.rows_kind == GLITCH else "final_verdicts"
@@ -240,11 +256,20 @@ def _token_table(rep: ModelReport) -> str:
                 f"<code>harness sql \"SELECT * FROM {view} WHERE model_id = "
                 f"{rep.model_id}\"</code> lists them all.</p>")
     evidence = esc(rep.verifier or 'the verifier')
+    if elicited:
+        tried = [r.elicitation for r in rep.rows if r.elicitation is not None]
+        said = sum(e.probability >= ELICITED for e in tried)
+        intro += (f" {len(tried):,} of them have an optimised prompt (<code>harness elicit"
+                  f"</code> or the <code>elicit</code> detector): {said:,} of those the model "
+                  f"says with probability at least {ELICITED} after it, {len(tried) - said:,} "
+                  "stay unspeakable.")
     return (f"<p>{intro}</p><table class='tokens' data-model-id='{rep.model_id}' "
             f"data-kind='{rep.rows_kind}'><thead><tr><th>id</th><th>token</th>"
             "<th>category</th><th>verdict</th><th>repeat prob.</th><th>flagged by</th>"
             f"<th>evidence: {evidence} completion per prompt</th>"
-            "<th>structure</th></tr></thead>"
+            "<th>structure</th>"
+            + ("<th>best optimised prompt (elicitation)</th>" if elicited else "")
+            + "</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>{more}")
 
 
