@@ -17,11 +17,9 @@ from typing import BinaryIO
 from sqlalchemy.engine import Engine
 
 from harness import store
-from harness.errors import HarnessError
-from harness.evaluate import find_model
+from harness.evaluate import final_verdict_tokens, find_model
 from harness.stored_tokenizer import stored_model_tokenizer
 from harness.token_finder import TokenFinder
-from harness.verdicts import GLITCH, SUSPECT
 
 BLOCK_BYTES = 8 << 20  # plain text is read and tokenized this much at a time
 BATCH_CHARS = 4 << 20  # JSON lines: field texts gathered per batch
@@ -84,13 +82,8 @@ def open_checker(engine: Engine, model: str, include_suspect: bool = False) -> C
     model ``model`` and its tokenizer; one-line errors where it was never scanned or has no
     final verdicts."""
     model_id, label = find_model(engine, model)
-    wanted = (GLITCH, SUSPECT) if include_suspect else (GLITCH,)
     with engine.connect() as conn:
-        run_id = store.latest_verdict_run(conn, model_id)
-        if run_id is None:
-            raise HarnessError(f"{label!r} has no final verdicts yet: run `harness scan "
-                               f"{model}` with a behavioural detector (the default does)")
-        tokens = store.tokens_with_final_verdict(conn, model_id, run_id, wanted)
+        run_id, tokens = final_verdict_tokens(conn, model_id, label, model, include_suspect)
         raw = [r for r, _ in store.token_bytes(conn, model_id)]
     tok = stored_model_tokenizer(engine, model_id)
     finder = TokenFinder(tok, raw, [t.token_id for t in tokens])

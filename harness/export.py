@@ -15,8 +15,8 @@ from sqlalchemy.engine import Engine
 
 from harness import store
 from harness.errors import HarnessError
-from harness.evaluate import find_model
-from harness.verdicts import FINAL, GLITCH, SUSPECT
+from harness.evaluate import final_verdict_tokens, find_model
+from harness.verdicts import FINAL
 
 FORMATS = ("text", "json", "logit-bias", "llamacpp")
 LOGIT_BIAS = -100  # the lowest bias OpenAI's API accepts: the token is never sampled
@@ -37,13 +37,8 @@ def load_export(engine: Engine, model: str, include_suspect: bool = False) -> Ex
     """The glitch tokens (and, with ``include_suspect``, the suspect ones) of the stored
     model ``model`` by its latest final verdicts, with each flagging detector's evidence."""
     model_id, label = find_model(engine, model)
-    wanted = (GLITCH, SUSPECT) if include_suspect else (GLITCH,)
     with engine.connect() as conn:
-        run_id = store.latest_verdict_run(conn, model_id)
-        if run_id is None:
-            raise HarnessError(f"{label!r} has no final verdicts yet: run `harness scan "
-                               f"{model}` with a behavioural detector (the default does)")
-        tokens = store.tokens_with_final_verdict(conn, model_id, run_id, wanted)
+        run_id, tokens = final_verdict_tokens(conn, model_id, label, model, include_suspect)
         ids = [t.token_id for t in tokens]
         evidence: dict[int, dict[str, dict]] = {t: {} for t in ids}
         for run in store.latest_done_runs(conn, model_id):
