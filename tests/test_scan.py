@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_exit_2(cli, args, message):
 
 
 @pytest.mark.parametrize("args, usage, message", [
-    (("elicit",), "Usage: harness [OPTIONS] COMMAND", "No such command 'elicit'"),
+    (("frobnicate",), "Usage: harness [OPTIONS] COMMAND", "No such command 'frobnicate'"),
     (("scan", "--no-such-flag"), "Usage: harness scan [OPTIONS]",
      "No such option: --no-such-flag"),
     (("compare",), "Usage: harness compare [OPTIONS]", "Missing argument 'models'"),
