@@ -35,7 +35,9 @@ from harness.errors import HarnessError, ModelLoadError, first_line
 from harness.gguf_file import check_gguf, sha256_file
 from harness.hookspecs import hookimpl
 from harness.options import BackendOption
+from harness.tokenizers import Tokenizer
 from harness.tokenizers.hf import HFTokenizer, quiet_transformers
+from harness.tokenizers.local import local_tokenizer
 
 if TYPE_CHECKING:
     from backends.shared_prefix import SharedPrefix
@@ -100,6 +102,11 @@ class HFBackend(Backend):
         self._load(target)
         self._check_head()
         self._shared_prefix = self._try_shared_prefix()
+
+    @classmethod
+    def offline_tokenizer(cls, target: str, meta: dict[str, Any]) -> Tokenizer:
+        """The tokenizer of a GGUF file, model folder or cached hub model, no weights."""
+        return local_tokenizer(target)
 
     # --- loading ----------------------------------------------------------------------------
 

@@ -139,6 +139,14 @@ class LlamaCppBackend(Backend):
             self._digest = sha256_file(self.path)
         return self._digest
 
+    @classmethod
+    def offline_tokenizer(cls, target: str, meta: dict[str, Any]) -> GGUFTokenizer:
+        """The GGUF file's tokenizer, loaded vocabulary-only."""
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {path}")
+        return GGUFTokenizer(path)
+
     def fingerprint(self) -> Fingerprint:
         return Fingerprint(self.name, f"gguf-sha256:{self._sha()}", self._file_type(),
                            self.vocab().tokenizer_hash())

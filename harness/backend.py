@@ -183,6 +183,14 @@ class Backend(ABC):
     def fingerprint(self) -> Fingerprint:
         """Identity of the model, its weights, dtype and tokenizer."""
 
+    @classmethod
+    def offline_tokenizer(cls, target: str, meta: dict[str, Any]) -> Tokenizer:
+        """The tokenizer of the model ``target`` names, without loading its weights, from the
+        target and the metadata stored with the model (``describe()``); ``harness check``
+        uses it. Backends that can, override it."""
+        raise HarnessError(f"the {cls.name} backend cannot give a model's tokenizer without "
+                           "loading the model")
+
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise HarnessError(f"the {self.name} backend has no tokenizer loaded")

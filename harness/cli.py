@@ -29,8 +29,10 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from harness import __version__, paths
+from harness.clusters import DEFAULT_K, DEFAULT_TOP
 from harness.db import open_db
 from harness.errors import HarnessError
+from harness.kmeans import DEFAULT_MAX_ITER, DEFAULT_TOL
 from harness.options import parse_assignments
 from harness.plugins import get_plugin_manager, registry
 from harness.readonly_sql import DEFAULT_TIMEOUT_S, query_readonly
@@ -467,6 +469,319 @@ def cmd_report(
     print(f"wrote {output} ({len(page) / 1024:,.0f} KiB)")
 
 
+def _open_inputs(files: list[str]) -> list[tuple[str, Any]]:
+    """(name, binary stream) of each input; ``-`` (or none given) is standard input."""
+    streams = []
+    for f in files or ["-"]:
+        if f == "-":
+            streams.append(("<stdin>", sys.stdin.buffer))
+            continue
+        path = Path(f)
+        if path.is_dir():
+            raise HarnessError(f"{f} is a folder; give files")
+        try:
+            streams.append((f, path.open("rb")))
+        except OSError as exc:
+            raise HarnessError(f"cannot read {f}: {exc.strerror or exc}") from None
+    return streams
+
+
+def cmd_check(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias, reference or "
+                                              "fingerprint.")],
+    files: Annotated[list[str] | None, typer.Argument(
+        help="Text files (or JSON lines with --field); none or - reads standard input.")]
+    = None,
+    field: Annotated[str | None, typer.Option(
+        "--field", help="Read JSON lines and check this field's string (a.b for nested "
+                        "objects).")] = None,
+    suspect: Annotated[bool, typer.Option(
+        "--suspect", "--include-suspect",
+        help="Report tokens whose final verdict is suspect too.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per finding and line; the summary goes to "
+                       "stderr.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Find MODEL's glitch tokens in text, tokenized with the model's own tokenizer (no
+    weights are loaded). Each finding: FILE:LINE:COLUMN (1-based line and character column;
+    for JSON lines FILE:LINE and the 0-based character offset in the field), the token and
+    its final verdict; then the count per token. Exit status 1 when a glitch token (or, with
+    --suspect, a suspect one) was found, else 2 when an input or line could not be read (it
+    is named on stderr and skipped), else 0."""
+    import time
+    from collections import Counter
+
+    from harness.check import BadInput, check_json_lines, check_text, open_checker
+
+    engine = open_db(_db_url(db))
+    inputs = _open_inputs(files or [])
+    checker = open_checker(engine, model, include_suspect=suspect)
+    counts: Counter[int] = Counter()
+    bad = 0
+    t0 = time.perf_counter()
+    write = sys.stdout.write
+    try:
+        for name, stream in inputs:
+            events = check_json_lines(checker, name, stream, field) if field else \
+                check_text(checker, name, stream)
+            for ev in events:
+                if isinstance(ev, BadInput):
+                    bad += 1
+                    err.print(f"[yellow]skipped:[/] {escape(str(ev))}", highlight=False,
+                              soft_wrap=True)
+                    continue
+                counts[ev.token_id] += 1
+                if as_json:
+                    write(json.dumps(ev.as_dict(), ensure_ascii=False) + "\n")
+                else:
+                    where = f"{ev.column}" if ev.field is None else \
+                        f" {ev.field}+{ev.offset}"
+                    write(f"{ev.source}:{ev.line}:{where}: {ev.verdict} {ev.token_id} "
+                          f"{token_repr(ev.token)}\n")
+            if stream is not sys.stdin.buffer:
+                stream.close()
+    finally:
+        checker.close()
+    wall = time.perf_counter() - t0
+    found = sum(counts.values())
+    kinds = "glitch or suspect" if suspect else "glitch"
+    lines = [f"{checker.model}: {found:,} {kinds} token occurrence{'s' if found != 1 else ''}"
+             f" of {len(counts)} token{'s' if len(counts) != 1 else ''} in {len(inputs)} "
+             f"input{'s' if len(inputs) != 1 else ''} ({wall:.1f} s)"
+             + (f"; {bad} unreadable line{'s' if bad != 1 else ''} skipped" if bad else "")]
+    for t, n in counts.most_common():
+        lines.append(f"  {n:>8,}  {t:>7} {checker.verdicts[t]:<7} "
+                     f"{token_repr(checker.texts[t])}")
+    summary = "\n".join(lines) + "\n"
+    if as_json:
+        sys.stderr.write(summary)
+    else:
+        write(summary)
+    if found:
+        raise typer.Exit(1)
+    if bad:
+        raise typer.Exit(2)
+
+
+def cmd_export(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias, reference or "
+                                              "fingerprint.")],
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="text (one token a line), json (ids, text, evidence), "
+                               "logit-bias (OpenAI-style logit_bias object, ids to -100) or "
+                               "llamacpp (--logit-bias ID-inf arguments).")] = "text",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write to this file instead of standard output.")] = None,
+    suspect: Annotated[bool, typer.Option(
+        "--include-suspect", "--suspect",
+        help="Export tokens whose final verdict is suspect too.")]
+    = False,
+    db: DbOption = None,
+) -> None:
+    """Export MODEL's glitch tokens (its latest final verdicts) as a block list."""
+    from harness.export import FORMATS, load_export, render
+
+    if fmt not in FORMATS:
+        raise HarnessError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        raise HarnessError(f"cannot write {output}: give a file in an existing folder")
+    page = render(load_export(open_db(_db_url(db)), model, include_suspect=suspect), fmt)
+    if output is None:
+        sys.stdout.write(page)
+    else:
+        output.write_text(page, encoding="utf-8")
+
+
+def cmd_show(
+    model: Annotated[str, typer.Argument(help="A scanned model: alias, reference or "
+                                              "fingerprint.")],
+    token: Annotated[str, typer.Argument(
+        help="A token id, or its exact text (in double quotes as a JSON string to keep "
+             "leading spaces: '\" the\"').")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    db: DbOption = None,
+) -> None:
+    """Everything stored about one token: its text and category, its final verdict, every
+    detector's findings for it in every run, and its tokenizer-structure facts (the longer
+    tokens that contain it, what its text alone tokenizes to, its nearest embedding
+    neighbours and their verdicts)."""
+    from harness.evaluate import find_model
+    from harness.stored_tokenizer import stored_model_tokenizer
+    from harness.token_info import describe_facts, load_token_info
+
+    engine = open_db(_db_url(db))
+    model_id, _ = find_model(engine, model)
+    try:  # what the text alone tokenizes to, where the tokenizer can be had without weights
+        tokenizer = stored_model_tokenizer(engine, model_id)
+    except HarnessError:
+        tokenizer = None
+    try:
+        info = load_token_info(engine, model, token, tokenizer)
+    finally:
+        if tokenizer is not None:
+            tokenizer.close()
+    if as_json:
+        sys.stdout.write(json.dumps(info.as_dict(), ensure_ascii=False, indent=2) + "\n")
+        return
+    out.print(f"[bold]{escape(info.model)}[/] token {info.token_id} "
+              f"{token_markup(info.text)}  raw {escape(repr(info.raw))}  category "
+              f"{escape(info.category)}" + (f" ({escape(info.attr)})" if info.attr else ""))
+    prob = "" if info.repeat_prob is None else f", repeat probability {info.repeat_prob:.3g}"
+    out.print(f"final verdict: {_styled(info.final or 'none (no verdict run)')}{prob}")
+    table = Table(title="Findings, every detector and run")
+    for c in ("run", "detector", "finished", "score", "verdict", "evidence"):
+        table.add_column(c, overflow="fold", justify="right" if c in ("run", "score") else
+                         "left")
+    for f in info.findings:
+        table.add_row(str(f.run_id), escape(f.detector), escape(f"{f.finished_utc:%Y-%m-%d %H:%M}"
+                      if f.finished_utc else f.status), "-" if f.score is None else
+                      f"{f.score:.4g}", _styled(f.verdict), escape(f.evidence_json or ""))
+    out.print(table)
+    out.print("[bold]structure[/]" + ("" if info.facts_stored else " (computed now)"))
+    for line in describe_facts(info):
+        out.print(f"  {escape(line)}", highlight=False)
+def _seed_list(seeds: int | None, seed: list[int] | None) -> list[int]:
+    """The seeds ``--seeds N`` (0..N-1) or ``--seed S`` (repeatable) give."""
+    from harness.clusters import DEFAULT_SEEDS
+
+    if seeds is not None and seed:
+        raise HarnessError("give --seeds N or --seed S (repeatable), not both")
+    if seed:
+        return list(seed)
+    n = DEFAULT_SEEDS if seeds is None else seeds
+    if n < 1:
+        raise HarnessError(f"--seeds must be at least 1 (got {n})")
+    return list(range(n))
+
+
+def cmd_clusters(
+    model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")],
+    k: Annotated[int, typer.Option("-k", help="Clusters per k-means.")] = DEFAULT_K,
+    seeds: Annotated[int | None, typer.Option(
+        help="Run k-means with seeds 0..N-1 (default 3).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(
+        "--seed", help="A seed to run (repeatable), instead of --seeds.")] = None,
+    matrix: Annotated[str, typer.Option(
+        help="auto (the input matrix, and the output matrix where it is not tied), input, "
+             "output or both.")] = "auto",
+    top: Annotated[int, typer.Option(
+        help="Rows of the table of tokens closest to the centroid of the whole matrix.")]
+    = DEFAULT_TOP,
+    show: Annotated[int, typer.Option(
+        "--clusters", help="How many clusters to list (the most notable first).")] = 12,
+    max_iter: Annotated[int, typer.Option(help="Most Lloyd iterations per seed.")]
+    = DEFAULT_MAX_ITER,
+    tol: Annotated[float, typer.Option(
+        help="Stop when an iteration lowers the inertia (sum of squared distances) by no more "
+             "than this fraction of it; 0: only when no token changes cluster.")]
+    = DEFAULT_TOL,
+    as_json: Annotated[bool, typer.Option("--json", help="Everything as JSON on stdout.")]
+    = False,
+    db: DbOption = None,
+    backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
+    backend_option: BackendOptions = None,
+) -> None:
+    """k-means of MODEL's token embeddings (seed 000): clusters under several seeds and
+    their agreement (adjusted Rand index), each token's cluster stored, the cluster holding
+    the glitch tokens, and the tokens closest to the centroid of the whole matrix."""
+    from harness.clusters import cluster_model, load_summary
+
+    if top < 0 or show < 0:
+        raise HarnessError("--top and --clusters must be zero or more")
+    seed_list = _seed_list(seeds, seed)
+    engine = open_db(_db_url(db))
+    progress = _progress(transient=True)
+    with progress:
+        run = cluster_model(model, engine, k=k, seeds=seed_list, matrix=matrix,
+                            backend=backend, backend_options=_backend_options(backend_option),
+                            max_iter=max_iter, tol=tol, reporter=RichReporter(progress))
+    summaries = [load_summary(engine, run.model_id, m.clustering_id, top, shown=show)
+                 for m in run.matrices]
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "model": run.label, "ref": run.ref.ref, "model_id": run.model_id,
+            "tokens": run.n_tokens, "tied": run.tied, "load_s": run.load_s, "notes": run.notes,
+            "clusterings": [s.as_dict() for s in summaries]}, ensure_ascii=False, indent=2)
+            + "\n")
+        return
+    out.print(f"[bold]{escape(run.label)}[/] ({escape(run.ref.ref)}), {run.n_tokens:,} tokens, "
+              f"model loaded in {run.load_s:.1f} s")
+    for note in run.notes:
+        out.print(f"  [dim]{escape(note)}[/]")
+    for m, summary in zip(run.matrices, summaries, strict=True):
+        _print_clustering(m, summary, show)
+
+
+def _print_clustering(m: Any, s: Any, show: int) -> None:
+    """One matrix's clustering: the seeds, their agreement, the clusters, the tokens closest
+    to the centroid."""
+    out.print(f"\n[bold]{m.matrix} embeddings[/] ({m.rows:,} × {m.dim}), k = {m.k}, "
+              f"clustering {m.clustering_id}, {m.wall_s:.1f} s")
+    for r in m.seeds:
+        state = "converged" if r.converged else "[yellow]stopped at --max-iter[/]"
+        empty = f", {r.empty} empty clusters" if r.empty else ""
+        out.print(f"  seed {r.seed}: {r.n_iter} iterations, {state}, {r.wall_s:.1f} s, "
+                  f"inertia {r.inertia:,.1f}{empty}")
+    if m.agreement is not None:
+        pairs = ", ".join(f"{a}–{b}: {ari:.3f}" for a, b, ari in m.pairs)
+        out.print(f"  agreement between the seeds (adjusted Rand index, mean of "
+                  f"{len(m.pairs)} pair{'s' if len(m.pairs) != 1 else ''}): "
+                  f"[bold]{m.agreement:.3f}[/] ({pairs})")
+    else:
+        out.print("  [dim]one seed: no agreement to measure (give --seeds 2 or more)[/]")
+    if s.verdict_run is None:
+        out.print("  [dim]no final verdicts stored for this model: run `harness scan` for the "
+                  "glitch and suspect counts per cluster[/]")
+    elif s.glitch_cluster is not None:
+        view = next(v for v in s.clusters if v.cluster == s.glitch_cluster)
+        count = view.glitch if s.glitch_kind == GLITCH else view.suspect
+        total = s.glitch_total if s.glitch_kind == GLITCH else \
+            sum(v.suspect for v in s.clusters)
+        out.print(f"  the {s.glitch_kind} tokens: {count} of {total} in cluster "
+                  f"[bold]{s.glitch_cluster}[/] ({view.size:,} tokens)")
+    stable = [v.stability for v in s.clusters if v.stability is not None]
+    title = (f"Clusters of seed {s.seed} ({min(show, len(s.clusters))} of {len(s.clusters)}, "
+             "most glitch tokens first, then nearest the global centroid)")
+    table = Table(title=title)
+    for col, justify in (("cluster", "right"), ("size", "right"), ("to centroid", "right"),
+                         ("stability", "right"), ("glitch", "right"), ("suspect", "right"),
+                         ("members nearest its centroid", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for v in s.clusters[:show]:
+        mark = " [red]◀[/]" if v.cluster == s.glitch_cluster else ""
+        table.add_row(f"{v.cluster}{mark}", f"{v.size:,}", f"{v.centroid_distance:.4f}",
+                      "-" if v.stability is None else f"{v.stability:.2f}",
+                      str(v.glitch) if s.verdict_run is not None else "-",
+                      str(v.suspect) if s.verdict_run is not None else "-",
+                      " ".join(escape(t) for _, t in v.members))
+    if show:
+        out.print(table)
+    if stable:
+        n90 = sum(x >= 0.9 for x in stable)
+        n50 = sum(x >= 0.5 for x in stable)
+        out.print(f"  [dim]stability: mean best Jaccard index of the cluster's tokens with a "
+                  f"cluster of each other seed; {n90} of {len(stable)} clusters ≥ 0.9, "
+                  f"{n50} ≥ 0.5[/]")
+    if s.closest:
+        table = Table(title=f"Tokens closest to the centroid of the {m.matrix} matrix")
+        for col in ("rank", "id", "token", "distance", "cluster", "verdict"):
+            table.add_column(col, justify="left" if col in ("token", "verdict") else "right",
+                             overflow="fold")
+        for i, n in enumerate(s.closest, 1):
+            table.add_row(str(i), str(n.token_id), token_markup_raw(n.text, n.raw),
+                          f"{n.distance:.6f}", "-" if n.cluster is None else str(n.cluster),
+                          _styled(n.verdict) if n.verdict else "-")
+        out.print(table)
+    out.print(f"[dim]Each token's cluster: `harness sql \"SELECT * FROM token_clusters WHERE "
+              f"clustering_id = {m.clustering_id}\"`.[/]")
+
+
+def token_markup_raw(text: str, raw: bytes) -> str:
+    """``token_repr`` of a token (its bytes where they are not UTF-8), escaped for rich."""
+    return escape(token_repr(text, raw))
+
+
 def cmd_elicit(
     model: Annotated[str, typer.Argument(help="Alias, BACKEND:TARGET, .gguf file or HF folder.")],
     target: Annotated[str, typer.Argument(
@@ -559,6 +874,10 @@ def build_app() -> typer.Typer:
     app.command("plugins")(cmd_plugins)
     app.command("sql")(cmd_sql)
     app.command("report")(cmd_report)
+    app.command("check")(cmd_check)
+    app.command("export")(cmd_export)
+    app.command("show")(cmd_show)
+    app.command("clusters")(cmd_clusters)
     app.command("elicit")(cmd_elicit)
     db_app = typer.Typer(help="The results database.", no_args_is_help=True)
     db_app.command("path")(cmd_db_path)
@@ -617,7 +936,9 @@ def main(argv: list[str] | None = None) -> None:
     usage line) and exit 2, never a traceback."""
     try:
         app = build_app()
-        app(args=argv, prog_name="harness", standalone_mode=False)
+        code = app(args=argv, prog_name="harness", standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit(code), returned by click
+            sys.exit(code)
     except HarnessError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -6,12 +6,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from harness import store
 from harness.errors import HarnessError
 from harness.plugins import Registry
-from harness.verdicts import GLITCH
+from harness.verdicts import GLITCH, SUSPECT
 
 
 @dataclass
@@ -105,6 +105,19 @@ def find_model(engine: Engine, model: str) -> tuple[int, str]:
         raise HarnessError(f"no stored scan of {model!r} in this database: "
                            f"run `harness scan {model}` first")
     return row
+
+
+def final_verdict_tokens(conn: Connection, model_id: int, label: str, model: str,
+                         include_suspect: bool = False
+                         ) -> tuple[int, list[store.VerdictToken]]:
+    """The latest final-verdict run of a stored model and its ``glitch`` tokens (and, with
+    ``include_suspect``, its ``suspect`` ones); one line where it has no final verdicts."""
+    run_id = store.latest_verdict_run(conn, model_id)
+    if run_id is None:
+        raise HarnessError(f"{label!r} has no final verdicts yet: run `harness scan "
+                           f"{model}` with a behavioural detector (the default does)")
+    wanted = (GLITCH, SUSPECT) if include_suspect else (GLITCH,)
+    return run_id, store.tokens_with_final_verdict(conn, model_id, run_id, wanted)
 
 
 def evaluate(engine: Engine, model: str, truth: list[tuple[int | None, str | None]],

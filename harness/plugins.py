@@ -90,6 +90,15 @@ class BackendEntry:
         """The options the backend declares (its factory's ``load_options``)."""
         return tuple(getattr(self.factory, "load_options", ()))
 
+    def offline_tokenizer(self, target: str, meta: dict[str, Any]) -> Any:
+        """The tokenizer of a model of this backend without its weights (the factory's
+        ``offline_tokenizer``), or a one-line error where the backend has none."""
+        load = getattr(self.factory, "offline_tokenizer", None)
+        if load is None:
+            raise HarnessError(f"the {self.name} backend cannot give a model's tokenizer "
+                               "without loading the model")
+        return load(target, meta)
+
 
 @dataclass(frozen=True)
 class DetectorEntry:

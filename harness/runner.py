@@ -17,14 +17,15 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from harness import __version__, store
-from harness.backend import Backend
+from harness import __version__, store, token_structure
+from harness.backend import Backend, Capability
 from harness.detector import Detector, Finding, FindingArrays, ScanContext
 from harness.errors import HarnessError
 from harness.options import resolve_backend_options
 from harness.plugins import Registry, registry
 from harness.refs import ResolvedRef, resolve
 from harness.shared_runs import LEASE_S, RunFailed, cut_blocks, is_dead, work_blocks, worker_id
+from harness.token_structure import MAX_FACT_TOKENS
 from harness.verdicts import ERROR, FINAL, FLAGGED, GLITCH, OK, SUSPECT
 from harness.vocab import Vocab, analyze
 
@@ -393,6 +394,36 @@ def record_verdicts(engine: Engine, ctx: ScanContext, model_id: int, reg: Regist
                         reporter, fresh)
 
 
+def record_token_facts(engine: Engine, model_id: int, backend: Backend, vocab: Vocab,
+                       verdict_run: int, reporter: Reporter) -> int:
+    """Store the tokenizer-structure facts (``harness.token_structure``) of the glitch and
+    suspect tokens of the final verdict ``verdict_run`` (glitch first, then suspect by
+    score, at most ``MAX_FACT_TOKENS``), once per verdict run; how many were computed."""
+    with engine.connect() as conn:
+        if store.facts_verdict_run(conn, model_id) == verdict_run:
+            return 0
+        found = store.tokens_with_final_verdict(conn, model_id, verdict_run, FLAGGED)
+    found.sort(key=lambda t: (t.verdict != GLITCH, np.inf if t.score is None else t.score,
+                              t.token_id))
+    ids = [t.token_id for t in found[:MAX_FACT_TOKENS]]
+    emb = None
+    if Capability.EMBEDDINGS in backend.capabilities:
+        try:
+            emb = backend.input_embeddings()
+        except NotImplementedError:
+            emb = None
+    with reporter.status(f"tokenizer-structure facts of {len(ids):,} tokens"):
+        found_facts = token_structure.facts(vocab.raw, vocab.text, ids, backend.encode_batch,
+                                            emb, vocab.special)
+    with engine.begin() as conn:
+        store.lock_runs(conn, model_id)  # processes sharing the scan: one writes them
+        if store.facts_verdict_run(conn, model_id) == verdict_run:
+            return 0
+        store.replace_token_facts(conn, model_id, verdict_run,
+                                  {t: json.dumps(f) for t, f in found_facts.items()})
+    return len(ids)
+
+
 def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
          backend: str | None = None, backend_options: dict[str, Any] | None = None,
          detector_options: dict[str, dict[str, Any]] | None = None, fresh: bool = False,
@@ -491,6 +522,8 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
         result.verdict = record_verdicts(
             engine, ScanContext(backend=be, vocab=vocab, categories=cats), model_id, reg,
             reporter, fresh)
+        if result.verdict is not None and result.verdict.status in FINISHED:
+            record_token_facts(engine, model_id, be, vocab, result.verdict.run_id, reporter)
         return result
     finally:
         be.close()

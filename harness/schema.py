@@ -180,3 +180,46 @@ class TokenCluster(Base):
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     cluster: Mapped[int] = mapped_column(Integer, nullable=False)
     distance: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class TokenFacts(Base):
+    """The tokenizer-structure facts of one token, computed at the end of a scan for its
+    glitch and suspect tokens (``verdict_run_id``: the final verdict they were computed
+    for): the longer tokens that contain it, what its text alone encodes to, and its nearest
+    neighbours in input-embedding space (JSON; see ``harness.token_structure``)."""
+
+    __tablename__ = "token_facts"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    verdict_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"),
+                                                nullable=False)
+    facts_json: Mapped[str] = mapped_column(Text, nullable=False)
+class ClusterCentroid(Base):
+    """One cluster under one seed of a clustering: its size, the distance of its centroid to
+    the centroid of the whole matrix, and how stable it is across the clustering's seeds
+    (the mean, over the other seeds, of its best Jaccard index with a cluster of that seed;
+    NULL with one seed)."""
+
+    __tablename__ = "cluster_centroids"
+
+    clustering_id: Mapped[int] = mapped_column(
+        ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True)
+    seed: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    centroid_distance: Mapped[float] = mapped_column(Float, nullable=False)
+    stability: Mapped[float | None] = mapped_column(Float)
+
+
+class CentroidDistance(Base):
+    """A token's distance to the centroid of the whole matrix a clustering clustered (seed
+    000's table of the tokens closest to it)."""
+
+    __tablename__ = "centroid_distances"
+
+    clustering_id: Mapped[int] = mapped_column(
+        ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    distance: Mapped[float] = mapped_column(Float, nullable=False)

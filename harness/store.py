@@ -20,7 +20,18 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from harness.schema import FindingRow, Model, Run, RunBlock, Token
+from harness.schema import (
+    CentroidDistance,
+    ClusterCentroid,
+    Clustering,
+    FindingRow,
+    Model,
+    Run,
+    RunBlock,
+    Token,
+    TokenCluster,
+    TokenFacts,
+)
 from harness.verdicts import FINAL, FLAGGED, GLITCH
 
 MODELS = Model.__table__
@@ -28,6 +39,7 @@ TOKENS = Token.__table__
 RUNS = Run.__table__
 FINDINGS = FindingRow.__table__
 BLOCKS = RunBlock.__table__
+FACTS = TokenFacts.__table__
 
 INSERT_BATCH = 20_000  # rows per executemany: bounds the memory of one call
 RUNS_LOCK = 0x6C17C5  # PostgreSQL advisory lock class of finding-or-creating a model's runs
@@ -608,6 +620,331 @@ def examined_in_range(conn: Connection, run_id: int, first: int, last: int) -> n
         FINDINGS.c.run_id == run_id, FINDINGS.c.token_id.between(first, last))
         .order_by(FINDINGS.c.token_id)).scalars().all()
     return np.asarray(ids, dtype=np.int64)
+
+
+# --- putting results to work: check, export, show, token facts (issue 14) -------------------
+
+
+def model_source(conn: Connection, model_id: int) -> tuple[str, str, dict[str, Any]]:
+    """(reference, backend, metadata) of a stored model: what rebuilds its tokenizer."""
+    row = conn.execute(select(MODELS.c.ref, MODELS.c.backend, MODELS.c.meta_json)
+                       .where(MODELS.c.id == model_id)).one()
+    return row.ref, row.backend, json.loads(row.meta_json or "{}")
+
+
+@dataclass
+class VerdictToken:
+    """One token with its final verdict: id, exact bytes, text, category, verdict, the
+    verifier's score (the repeat probability) and the verdict's evidence."""
+
+    token_id: int
+    raw: bytes
+    text: str
+    category: str
+    verdict: str
+    score: float | None
+    evidence_json: str
+
+
+def tokens_with_final_verdict(conn: Connection, model_id: int, run_id: int,
+                              verdicts: Sequence[str]) -> list[VerdictToken]:
+    """The tokens whose final verdict (of the ``verdict`` run ``run_id``) is one of
+    ``verdicts``, by token id."""
+    rows = conn.execute(
+        select(FINDINGS.c.token_id, TOKENS.c.raw, TOKENS.c.text, TOKENS.c.category,
+               FINDINGS.c.verdict, FINDINGS.c.score, FINDINGS.c.evidence_json)
+        .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                           TOKENS.c.token_id == FINDINGS.c.token_id))
+        .where(FINDINGS.c.run_id == run_id, FINDINGS.c.verdict.in_(list(verdicts)))
+        .order_by(FINDINGS.c.token_id))
+    return [VerdictToken(int(t), bytes(r), x, c, v, s, e) for t, r, x, c, v, s, e in rows]
+
+
+def token_row(conn: Connection, model_id: int, token_id: int
+              ) -> tuple[bytes, str, str, str | None] | None:
+    """(raw bytes, text, category, attribute) of one stored token, or None."""
+    row = conn.execute(select(TOKENS.c.raw, TOKENS.c.text, TOKENS.c.category, TOKENS.c.attr)
+                       .where(TOKENS.c.model_id == model_id,
+                              TOKENS.c.token_id == token_id)).first()
+    return None if row is None else (bytes(row.raw), row.text, row.category, row.attr)
+
+
+def token_ids_by_text(conn: Connection, model_id: int, text: str) -> list[int]:
+    """The ids of the model's tokens whose text is ``text``."""
+    return [int(t) for t in conn.execute(
+        select(TOKENS.c.token_id).where(TOKENS.c.model_id == model_id,
+                                        TOKENS.c.text == _text_for(conn, text))
+        .order_by(TOKENS.c.token_id)).scalars()]
+
+
+@dataclass
+class TokenFinding:
+    """One finding of one token in one run, with the run it belongs to."""
+
+    run_id: int
+    detector: str
+    status: str
+    finished_utc: datetime | None
+    score: float | None
+    verdict: str
+    evidence_json: str
+
+
+def findings_of_token(conn: Connection, model_id: int, token_id: int) -> list[TokenFinding]:
+    """Every finding of one token in every run on the model, oldest run first."""
+    rows = conn.execute(
+        select(RUNS.c.id, RUNS.c.detector, RUNS.c.status, RUNS.c.finished_utc,
+               FINDINGS.c.score, FINDINGS.c.verdict, FINDINGS.c.evidence_json)
+        .join(FINDINGS, FINDINGS.c.run_id == RUNS.c.id)
+        .where(RUNS.c.model_id == model_id, FINDINGS.c.token_id == token_id)
+        .order_by(RUNS.c.id))
+    return [TokenFinding(int(r), d, st, f, s, v, e) for r, d, st, f, s, v, e in rows]
+
+
+def replace_token_facts(conn: Connection, model_id: int, verdict_run_id: int,
+                        facts: dict[int, str]) -> None:
+    """Store the model's token facts (JSON texts by token id) for a final-verdict run, in
+    place of those stored before."""
+    conn.execute(delete(FACTS).where(FACTS.c.model_id == model_id))
+    rows = [(model_id, int(t), verdict_run_id, f) for t, f in sorted(facts.items())]
+    _bulk_insert(conn, FACTS, rows, ignore_duplicates=False)
+
+
+def token_facts(conn: Connection, model_id: int, token_ids: Sequence[int] | None = None
+                ) -> dict[int, str]:
+    """The stored facts (JSON text) of the model's tokens, of ``token_ids`` or of all."""
+    q = select(FACTS.c.token_id, FACTS.c.facts_json).where(FACTS.c.model_id == model_id)
+    if token_ids is None:
+        return {int(t): f for t, f in conn.execute(q)}
+    found: dict[int, str] = {}
+    ids = [int(t) for t in token_ids]
+    for i in range(0, len(ids), 500):
+        found.update({int(t): f for t, f in conn.execute(
+            q.where(FACTS.c.token_id.in_(ids[i:i + 500])))})
+    return found
+
+
+def facts_verdict_run(conn: Connection, model_id: int) -> int | None:
+    """The final-verdict run the model's stored token facts were computed for, or None."""
+    run_id = conn.execute(select(func.max(FACTS.c.verdict_run_id))
+                          .where(FACTS.c.model_id == model_id)).scalar()
+    return None if run_id is None else int(run_id)
+# --- clusterings: k-means of the embedding matrices (harness clusters) ----------------------
+
+CLUSTERINGS = Clustering.__table__
+TOKEN_CLUSTERS = TokenCluster.__table__
+CLUSTER_CENTROIDS = ClusterCentroid.__table__
+CENTROID_DISTANCES = CentroidDistance.__table__
+
+
+@dataclass
+class StoredClustering:
+    """One row of ``clusterings``, its JSON decoded."""
+
+    id: int
+    model_id: int
+    matrix: str
+    k: int
+    seeds: list[int]
+    agreement: float | None
+    options: dict[str, Any]
+    wall_s: float
+    created_utc: datetime | None
+
+
+def insert_clustering(conn: Connection, *, model_id: int, matrix: str, k: int,
+                      seeds: Sequence[int], agreement: float | None, options: dict[str, Any],
+                      wall_s: float) -> int:
+    """Store one clustering of one matrix of a model (its rows go in with
+    ``insert_token_clusters`` and the others); return its id."""
+    return int(conn.execute(insert(CLUSTERINGS).values(
+        model_id=model_id, matrix=matrix, k=int(k), seeds_json=json.dumps([int(s) for s in seeds]),
+        agreement=None if agreement is None else float(agreement),
+        options_json=json.dumps(options, default=str), wall_s=float(wall_s),
+        created_utc=now())).inserted_primary_key[0])
+
+
+def insert_token_clusters(conn: Connection, clustering_id: int, seed: int,
+                          token_ids: np.ndarray, clusters: np.ndarray,
+                          distances: np.ndarray) -> None:
+    """Store each token's cluster under one seed and its distance to that cluster's
+    centroid (three arrays of one length)."""
+    n = len(token_ids)
+    rows = list(zip([int(clustering_id)] * n, [int(seed)] * n, np.asarray(token_ids).tolist(),
+                    np.asarray(clusters).tolist(), np.asarray(distances, dtype=float).tolist(),
+                    strict=True))
+    _bulk_insert(conn, TOKEN_CLUSTERS, rows, ignore_duplicates=False)
+
+
+def insert_cluster_centroids(conn: Connection, clustering_id: int, seed: int,
+                             sizes: np.ndarray, centroid_distances: np.ndarray,
+                             stability: np.ndarray | None) -> None:
+    """Store each cluster of one seed: its size, its centroid's distance to the centroid of
+    the whole matrix, and its stability across the seeds (None: one seed only)."""
+    k = len(sizes)
+    stab = [None] * k if stability is None else \
+        [None if not np.isfinite(v) else float(v) for v in np.asarray(stability).tolist()]
+    rows = list(zip([int(clustering_id)] * k, [int(seed)] * k, range(k),
+                    np.asarray(sizes).tolist(),
+                    np.asarray(centroid_distances, dtype=float).tolist(), stab, strict=True))
+    _bulk_insert(conn, CLUSTER_CENTROIDS, rows, ignore_duplicates=False)
+
+
+def insert_centroid_distances(conn: Connection, clustering_id: int, token_ids: np.ndarray,
+                              distances: np.ndarray) -> None:
+    """Store each token's distance to the centroid of the whole matrix."""
+    n = len(token_ids)
+    rows = list(zip([int(clustering_id)] * n, np.asarray(token_ids).tolist(),
+                    np.asarray(distances, dtype=float).tolist(), strict=True))
+    _bulk_insert(conn, CENTROID_DISTANCES, rows, ignore_duplicates=False)
+
+
+def _clustering(row: Any) -> StoredClustering:
+    try:
+        options = json.loads(row.options_json or "{}")
+    except json.JSONDecodeError:
+        options = {}
+    return StoredClustering(int(row.id), int(row.model_id), row.matrix, int(row.k),
+                            [int(s) for s in json.loads(row.seeds_json or "[]")],
+                            None if row.agreement is None else float(row.agreement),
+                            options if isinstance(options, dict) else {},
+                            float(row.wall_s), row.created_utc)
+
+
+def latest_clusterings(conn: Connection, model_id: int) -> list[StoredClustering]:
+    """The model's latest clustering of each matrix (``input`` first, then ``output``)."""
+    newest = (select(func.max(CLUSTERINGS.c.id)).where(CLUSTERINGS.c.model_id == model_id)
+              .group_by(CLUSTERINGS.c.matrix))
+    rows = conn.execute(select(CLUSTERINGS).where(CLUSTERINGS.c.id.in_(newest))
+                        .order_by(CLUSTERINGS.c.matrix, CLUSTERINGS.c.id))
+    return [_clustering(r) for r in rows]
+
+
+def clustering_by_id(conn: Connection, clustering_id: int) -> StoredClustering:
+    """The stored clustering ``clustering_id``."""
+    return _clustering(conn.execute(select(CLUSTERINGS).where(
+        CLUSTERINGS.c.id == clustering_id)).one())
+
+
+@dataclass
+class StoredCluster:
+    """One cluster of one seed of a clustering, with the final verdicts of its tokens."""
+
+    cluster: int
+    size: int
+    centroid_distance: float
+    stability: float | None
+    verdicts: dict[str, int]  # final verdict -> how many of its tokens (none: not scanned)
+
+
+def cluster_rows(conn: Connection, clustering_id: int, seed: int,
+                 verdict_run: int | None) -> list[StoredCluster]:
+    """Every cluster of the seed, by cluster number, with how many of its tokens carry each
+    final verdict of ``verdict_run`` (a final-verdict run; None: no counts)."""
+    counts: dict[int, dict[str, int]] = {}
+    if verdict_run is not None:
+        q = (select(TOKEN_CLUSTERS.c.cluster, FINDINGS.c.verdict, func.count())
+             .select_from(TOKEN_CLUSTERS.join(FINDINGS, and_(
+                 FINDINGS.c.run_id == verdict_run,
+                 FINDINGS.c.token_id == TOKEN_CLUSTERS.c.token_id)))
+             .where(TOKEN_CLUSTERS.c.clustering_id == clustering_id,
+                    TOKEN_CLUSTERS.c.seed == seed)
+             .group_by(TOKEN_CLUSTERS.c.cluster, FINDINGS.c.verdict))
+        for cluster, verdict, n in conn.execute(q):
+            counts.setdefault(int(cluster), {})[verdict] = int(n)
+    rows = conn.execute(
+        select(CLUSTER_CENTROIDS.c.cluster, CLUSTER_CENTROIDS.c.size,
+               CLUSTER_CENTROIDS.c.centroid_distance, CLUSTER_CENTROIDS.c.stability)
+        .where(CLUSTER_CENTROIDS.c.clustering_id == clustering_id,
+               CLUSTER_CENTROIDS.c.seed == seed).order_by(CLUSTER_CENTROIDS.c.cluster))
+    return [StoredCluster(int(c), int(n), float(d), None if s is None else float(s),
+                          counts.get(int(c), {})) for c, n, d, s in rows]
+
+
+def cluster_members(conn: Connection, model_id: int, clustering_id: int, seed: int,
+                    clusters: Sequence[int], per_cluster: int
+                    ) -> dict[int, list[tuple[int, str, bytes]]]:
+    """Per cluster of ``clusters``, its ``per_cluster`` tokens nearest its centroid
+    ``(token id, text, raw)``, nearest first."""
+    if not clusters or per_cluster <= 0:
+        return {}
+    rank = func.row_number().over(partition_by=TOKEN_CLUSTERS.c.cluster,
+                                  order_by=(TOKEN_CLUSTERS.c.distance,
+                                            TOKEN_CLUSTERS.c.token_id)).label("rank")
+    ranked = (select(TOKEN_CLUSTERS.c.cluster, TOKEN_CLUSTERS.c.token_id,
+                     TOKEN_CLUSTERS.c.distance, rank)
+              .where(TOKEN_CLUSTERS.c.clustering_id == clustering_id,
+                     TOKEN_CLUSTERS.c.seed == seed,
+                     TOKEN_CLUSTERS.c.cluster.in_([int(c) for c in clusters]))
+              .subquery())
+    rows = conn.execute(
+        select(ranked.c.cluster, ranked.c.token_id, TOKENS.c.text, TOKENS.c.raw)
+        .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                           TOKENS.c.token_id == ranked.c.token_id))
+        .where(ranked.c.rank <= per_cluster)
+        .order_by(ranked.c.cluster, ranked.c.rank))
+    out: dict[int, list[tuple[int, str, bytes]]] = {}
+    for c, t, text, raw in rows:
+        out.setdefault(int(c), []).append((int(t), text, bytes(raw)))
+    return out
+
+
+def cluster_tokens_with_verdict(conn: Connection, model_id: int, clustering_id: int,
+                                seed: int, cluster: int, verdict_run: int,
+                                verdicts: Sequence[str]) -> list[tuple[int, str, bytes, str]]:
+    """``(token id, text, raw, verdict)`` of the cluster's tokens whose final verdict (in
+    ``verdict_run``) is one of ``verdicts``, nearest the centroid first."""
+    rows = conn.execute(
+        select(TOKEN_CLUSTERS.c.token_id, TOKENS.c.text, TOKENS.c.raw, FINDINGS.c.verdict)
+        .select_from(TOKEN_CLUSTERS
+                     .join(FINDINGS, and_(FINDINGS.c.run_id == verdict_run,
+                                          FINDINGS.c.token_id == TOKEN_CLUSTERS.c.token_id))
+                     .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                                        TOKENS.c.token_id == TOKEN_CLUSTERS.c.token_id)))
+        .where(TOKEN_CLUSTERS.c.clustering_id == clustering_id,
+               TOKEN_CLUSTERS.c.seed == seed, TOKEN_CLUSTERS.c.cluster == cluster,
+               FINDINGS.c.verdict.in_(list(verdicts)))
+        .order_by(TOKEN_CLUSTERS.c.distance, TOKEN_CLUSTERS.c.token_id))
+    return [(int(t), x, bytes(r), v) for t, x, r, v in rows]
+
+
+@dataclass
+class CentroidNeighbour:
+    """A token near the centroid of the whole matrix (seed 000's table)."""
+
+    token_id: int
+    text: str
+    raw: bytes
+    distance: float
+    cluster: int | None  # its cluster under the seed asked for
+    verdict: str | None  # its final verdict (None: no verdict run, or no finding)
+
+
+def closest_to_centroid(conn: Connection, model_id: int, clustering_id: int, seed: int,
+                        n: int, verdict_run: int | None) -> list[CentroidNeighbour]:
+    """The ``n`` tokens closest to the centroid of the matrix the clustering clustered,
+    closest first, with their cluster under ``seed`` and their final verdict."""
+    verdict = FINDINGS.c.verdict if verdict_run is not None else None
+    cols = [CENTROID_DISTANCES.c.token_id, TOKENS.c.text, TOKENS.c.raw,
+            CENTROID_DISTANCES.c.distance, TOKEN_CLUSTERS.c.cluster]
+    src = (CENTROID_DISTANCES
+           .join(TOKENS, and_(TOKENS.c.model_id == model_id,
+                              TOKENS.c.token_id == CENTROID_DISTANCES.c.token_id))
+           .outerjoin(TOKEN_CLUSTERS, and_(
+               TOKEN_CLUSTERS.c.clustering_id == CENTROID_DISTANCES.c.clustering_id,
+               TOKEN_CLUSTERS.c.seed == seed,
+               TOKEN_CLUSTERS.c.token_id == CENTROID_DISTANCES.c.token_id)))
+    if verdict is not None:
+        cols.append(verdict)
+        src = src.outerjoin(FINDINGS, and_(FINDINGS.c.run_id == verdict_run,
+                                           FINDINGS.c.token_id == CENTROID_DISTANCES.c.token_id))
+    rows = conn.execute(select(*cols).select_from(src)
+                        .where(CENTROID_DISTANCES.c.clustering_id == clustering_id)
+                        .order_by(CENTROID_DISTANCES.c.distance, CENTROID_DISTANCES.c.token_id)
+                        .limit(n))
+    return [CentroidNeighbour(int(r[0]), r[1], bytes(r[2]), float(r[3]),
+                              None if r[4] is None else int(r[4]),
+                              r[5] if verdict is not None else None) for r in rows]
 
 
 # --- elicitations: prompts optimised to make a model say a target (issue 13) -----------------

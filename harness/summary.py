@@ -8,7 +8,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from harness import store
-from harness.verdicts import FLAGGED, SEVERITY
+from harness.verdicts import ERROR, FLAGGED, SEVERITY
 
 
 @dataclass
@@ -25,8 +25,11 @@ class RankedToken:
 
 def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 25,
                final_run: int | None = None) -> list[RankedToken]:
-    """Tokens ranked by final verdict (when ``final_run`` is given), then by how many
-    detectors flag them, then by mean suspicion percentile."""
+    """The most suspicious tokens. With a final verdict (``final_run``): only the tokens
+    something examined behaviourally (the verifier scored them) or flagged, ranked by final
+    verdict (glitch, suspect, error, ok), then by the verifier's score (the final verdict's,
+    its suspicious end first), then by how many detectors flag them and their mean
+    suspicion percentile. Without one: every token, by flags and suspicion."""
     if not run_ids:
         return []
     with engine.connect() as conn:
@@ -46,11 +49,18 @@ def top_tokens(engine: Engine, model_id: int, run_ids: dict[str, int], n: int = 
             flagged += np.isin(v, FLAGGED)
             scores[det], verdicts[det] = s, v
         final = np.full(size, "", dtype=object)
+        verify_key = np.zeros(size)
+        shown = np.ones(size, dtype=bool)
         if final_run is not None:
-            _, final = store.run_arrays(conn, final_run, size)
+            final_score, final = store.run_arrays(conn, final_run, size)
+            high = store.suspicious_when(conn, final_run) == "high"
+            verify_key = np.where(np.isnan(final_score), np.inf,
+                                  -final_score if high else final_score)
+            shown = ~np.isnan(final_score) | (flagged > 0) | np.isin(final, (*FLAGGED, ERROR))
     suspicion /= len(run_ids)
     severity = np.array([SEVERITY.get(v, 0) for v in final])
-    order = np.lexsort((-suspicion, -flagged, -severity))[:n]
+    order = np.lexsort((-suspicion, -flagged, verify_key, -severity))
+    order = order[shown[order]][:n]
     return [RankedToken(int(i), tokens[i][1], tokens[i][2], int(flagged[i]), float(suspicion[i]),
                         {d: (None if np.isnan(scores[d][i]) else float(scores[d][i]))
                          for d in run_ids},

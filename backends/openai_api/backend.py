@@ -9,7 +9,7 @@ from typing import Any
 import backends.openai_api.negotiate as negotiate
 from backends.openai_api.negotiate import SCORE_MODES, ServerInfo
 from backends.openai_api.scoring import Scorer
-from backends.openai_api.tokenizers import Spellings, load_tokenizer
+from backends.openai_api.tokenizers import Spellings, _local_tokenizer, load_tokenizer
 from backends.openai_api.transport import Completions, Transport, import_openai
 from harness.backend import (
     Backend,
@@ -24,6 +24,7 @@ from harness.backend import (
 )
 from harness.errors import HarnessError
 from harness.options import BackendOption
+from harness.tokenizers import Tokenizer
 
 
 class OpenAIBackend(Backend):
@@ -95,6 +96,16 @@ class OpenAIBackend(Backend):
         if self.scorer.score_via is not None:
             caps.add(Capability.SCORE)
         self.capabilities = frozenset(caps)
+
+    @classmethod
+    def offline_tokenizer(cls, target: str, meta: dict[str, Any]) -> Tokenizer:
+        """The local tokenizer the scan used (``describe()``'s ``tokenizer``); a server's
+        own tokenize endpoints need the server."""
+        spec = meta.get("tokenizer")
+        if not spec or spec == "server":
+            raise HarnessError(f"{target!r} was scanned with the server's own tokenizer: "
+                               "without the server there is none here")
+        return _local_tokenizer(spec)
 
     def fingerprint(self) -> Fingerprint:
         return Fingerprint(self.name, f"{self.transport.base_url}|{self.transport.model}",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Connection, Engine
 
-from harness import store
+from harness import store, token_structure
 from harness.errors import HarnessError
 from harness.evaluate import find_model
 from harness.store import StoredModel
@@ -65,6 +65,9 @@ class TokenRow:
     repeat_prob: float | None
     flagged_by: list[str]
     evidence: dict[str, Any]
+    # tokenizer-structure facts (harness.token_structure); neighbours as [id, text,
+    # final verdict, cosine]
+    structure: dict[str, Any] | None = None
     # the most probable stored elicitation of the token alone (harness elicit, elicit)
     elicitation: store.StoredElicitation | None = None
 
@@ -85,6 +88,7 @@ class ModelReport:
     glitch_ids: list[int] = field(default_factory=list)
     glitch_raw: list[bytes] = field(default_factory=list)
     glitch_shown: list[str] = field(default_factory=list)  # token_repr of each
+    clusterings: list[Any] = field(default_factory=list)  # harness.clusters.ClusteringSummary
 
     @property
     def model_id(self) -> int:
@@ -154,6 +158,9 @@ def load_model(engine: Engine, model: str, cap: int = TABLE_CAP) -> ModelReport:
         model=replace(m, created_utc=_as_datetime(m.created_utc)), label=name, runs=runs,
         static=static, final=final, verifier=None)
     _load_tokens(engine, report, verifying, cap)
+    from harness.report.clusters import load_clusterings
+
+    report.clusterings = load_clusterings(engine, model_id)
     return report
 
 
@@ -207,7 +214,32 @@ def _load_tokens(engine: Engine, rep: ModelReport, verifying: list[str], cap: in
             verdict = f.verdicts[0]
         rep.rows.append(TokenRow(f.token_id, f.text, f.raw, f.category, verdict,
                                  None if score is None else float(score), by,
-                                 evidence.get(f.token_id, {}), elicited.get(f.token_id)))
+                                 evidence.get(f.token_id, {}),
+                                 elicitation=elicited.get(f.token_id)))
+    _load_structure(engine, rep)
+
+
+def _load_structure(engine: Engine, rep: ModelReport) -> None:
+    """Each shown token's structure facts: stored at the scan, else computed now from the
+    stored vocabulary (containing tokens only: no tokenizer or weights here)."""
+    if not rep.rows:
+        return
+    ids = [r.token_id for r in rep.rows]
+    with engine.connect() as conn:
+        stored = {t: _json(f) for t, f in store.token_facts(conn, rep.model_id, ids).items()}
+        pairs = store.token_bytes(conn, rep.model_id)
+    texts = [t for _, t in pairs]
+    missing = [t for t in ids if t not in stored]
+    if missing:
+        stored.update(token_structure.facts([r for r, _ in pairs], texts, missing))
+    final = rep.final.verdict_of(len(texts)) if rep.final is not None else None
+    for r in rep.rows:
+        f = dict(stored.get(r.token_id) or {})
+        if "neighbours" in f:
+            f["neighbours"] = [[n, texts[n] if n < len(texts) else "",
+                                str(final[n]) if final is not None and n < len(final) else "",
+                                c] for n, c in f["neighbours"]]
+        r.structure = f
 
 
 def _json(value: str | None) -> dict:

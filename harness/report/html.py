@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from harness import __version__
 from harness.paths import display_url
+from harness.report.clusters import clusters_html
 from harness.report.data import TABLE_CAP, ModelReport, load_models
 from harness.report.plots import bar_chart, histogram, scatter
 from harness.verdicts import FLAGGED, GLITCH, SUSPECT, VERDICTS
@@ -47,6 +48,7 @@ figcaption { font-size: 0.88em; color: #444; margin-top: 0.3em; }
 .v-error { color: #8e44ad; }
 .note { background: #fff8e1; border-left: 4px solid #e67e22; padding: 0.4em 0.8em; }
 ul.ev { margin: 0; padding-left: 1.1em; }
+tr.glitch-cluster td { background: #fdecea; }
 footer { margin-top: 3em; color: #777; font-size: 0.85em; }
 """
 
@@ -181,6 +183,33 @@ def _evidence(ev: dict[str, Any]) -> str:
     return f"<ul class='ev'>{''.join(items)}</ul>{extra}"
 
 
+def _structure(rep: ModelReport, structure: dict[str, Any] | None) -> str:
+    """A token's structure facts as a collapsed block: the longer tokens that contain it,
+    whether its text alone reaches it, its embedding neighbours (linked to their rows)."""
+    if not structure:
+        return "<span class='meta'>–</span>"
+    inside = structure.get("contained_in", {})
+    n = inside.get("count", 0)
+    examples = ", ".join(token_html(x) for _, x in inside.get("examples", []))
+    items = [f"<li>inside {n:,} longer token{'s' if n != 1 else ''}"
+             + (f": {examples}" if examples else "") + "</li>"]
+    if "reachable_alone" in structure:
+        items.append("<li>its text alone tokenizes to it</li>" if structure["reachable_alone"]
+                     else "<li>its text alone tokenizes to other tokens"
+                     + (", reached only inside longer ones" if
+                        structure.get("only_inside_longer") else "") + "</li>")
+    if structure.get("neighbours"):
+        near = "; ".join(
+            f"<a href='#t{rep.model_id}-{nid}'>{token_html(text)}</a> "
+            f"<span class='v-{esc(verdict)}'>{esc(verdict or '–')}</span> "
+            f"<span class='meta'>{cos:.2f}</span>"
+            for nid, text, verdict, cos in structure["neighbours"])
+        items.append(f"<li>nearest embeddings: {near}</li>")
+    summary = f"in {n:,}" + (", not alone" if structure.get("reachable_alone") is False else "")
+    return f"<details><summary>{esc(summary)}</summary><ul class='ev'>{''.join(items)}</ul>" \
+           "</details>"
+
+
 ELICITED = 0.01  # the elicit detector's threshold: below it a token stays unspeakable
 
 
@@ -213,10 +242,12 @@ def _token_table(rep: ModelReport) -> str:
     elicited = any(r.elicitation is not None for r in rep.rows)
     for r in rep.rows:
         body.append(
-            f"<tr><td class='num'>{r.token_id}</td><td>{token_html(r.text, r.raw)}</td>"
+            f"<tr id='t{rep.model_id}-{r.token_id}'><td class='num'>{r.token_id}</td>"
+            f"<td>{token_html(r.text, r.raw)}</td>"
             f"<td>{esc(r.category)}</td><td class='v-{esc(r.verdict)}'>{esc(r.verdict)}</td>"
             f"<td class='num'>{_prob(r.repeat_prob)}</td>"
             f"<td>{esc(', '.join(r.flagged_by)) or '–'}</td><td>{_evidence(r.evidence)}</td>"
+            f"<td>{_structure(rep, r.structure)}</td>"
             + (f"<td>{_elicitation(r.elicitation)}</td>" if elicited else "") + "</tr>")
     more = ""
     if rep.rows_total > len(rep.rows):
@@ -236,6 +267,7 @@ def _token_table(rep: ModelReport) -> str:
             f"data-kind='{rep.rows_kind}'><thead><tr><th>id</th><th>token</th>"
             "<th>category</th><th>verdict</th><th>repeat prob.</th><th>flagged by</th>"
             f"<th>evidence: {evidence} completion per prompt</th>"
+            "<th>structure</th>"
             + ("<th>best optimised prompt (elicitation)</th>" if elicited else "")
             + "</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>{more}")
@@ -301,7 +333,8 @@ def render(reports: list[ModelReport], source: str = "") -> str:
         title = {GLITCH: "Glitch tokens", SUSPECT: "Suspect tokens (none verified)",
                  "flagged": "Flagged tokens (no final verdicts)",
                  "none": "Glitch tokens"}[rep.rows_kind]
-        parts.append(f"<h3>{title}</h3>" + _token_table(rep) + "</section>")
+        parts.append(f"<h3>{title}</h3>" + _token_table(rep))
+        parts.append(clusters_html(rep.clusterings, rep.model_id) + "</section>")
     if len(reports) > 1:
         parts.append(_overlap(reports))
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

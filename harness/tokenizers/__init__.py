@@ -11,6 +11,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
+
 from harness.vocab import Vocab
 
 
@@ -25,6 +27,10 @@ class Tokenizer(ABC):
     def vocab(self) -> Vocab:
         """Every token: id, raw bytes, display text, special flag."""
 
+    def n_tokens(self) -> int:
+        """How many tokens the tokenizer has (cheaper than ``vocab()`` where a library says)."""
+        return len(self.vocab())
+
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
@@ -34,6 +40,11 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts without special tokens."""
         return [self.encode(t) for t in texts]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Encode many texts without special tokens, each as an int64 array (what
+        ``harness check`` scans with numpy)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
     def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
         return [self.decode(s) for s in seqs]

@@ -85,6 +85,21 @@ class GGUFTokenizer(Tokenizer):
                                         add_special_tokens, True)
         return list(out[:n])
 
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Encode many texts (special tokens written out in them are parsed, as in
+        ``encode``), each straight into an int64 array, one buffer reused."""
+        out: list[np.ndarray] = []
+        cap = 1 << 16
+        buf = (self.lib.llama_token * cap)()
+        for text in texts:
+            data = text.encode("utf-8")
+            if len(data) + 8 > cap:
+                cap = len(data) + 8
+                buf = (self.lib.llama_token * cap)()
+            n = self.lib.llama_tokenize(self._v, data, len(data), buf, cap, False, True)
+            out.append(np.ctypeslib.as_array(buf)[:n].astype(np.int64))
+        return out
+
     def decode(self, ids: Sequence[int]) -> str:
         arr = (self.lib.llama_token * max(1, len(ids)))(*ids)
         cap = 16 * len(ids) + 16

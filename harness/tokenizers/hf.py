@@ -49,10 +49,46 @@ class HFTokenizer(Tokenizer):
                                  f"{first_line(exc)}") from None
         return cls(tok)
 
+    @classmethod
+    def load_cached(cls, hub_id: str) -> HFTokenizer:
+        """The tokenizer of a hub model already in the local Hugging Face cache (no
+        download)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise HarnessError("a Hugging Face tokenizer needs transformers: "
+                               "pip install 'glitch-harness[hf]'") from None
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"no tokenizer of {hub_id!r} in the local Hugging Face "
+                                 f"cache: {first_line(exc)}") from None
+        return cls(tok)
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> HFTokenizer:
+        """transformers' conversion of a GGUF file's tokenizer (where llama.cpp is missing)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise HarnessError("reading a GGUF tokenizer needs llama-cpp-python or "
+                               "transformers: pip install 'glitch-harness[hf]'") from None
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as exc:  # transformers raises many types on unsupported files
+            raise ModelLoadError(f"transformers cannot read the tokenizer of {path}: "
+                                 f"{first_line(exc)}") from None
+        return cls(tok)
+
     def vocab(self) -> Vocab:
         if self._vocab is None:
             self._vocab = tokenizer_vocab(self.tok, self.n_rows)
         return self._vocab
+
+    def n_tokens(self) -> int:
+        return max(len(self.tok), self.n_rows or 0)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
@@ -62,6 +98,13 @@ class HFTokenizer(Tokenizer):
         if backend is None or not texts:
             return super().encode_batch(texts)
         return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None or not texts:
+            return super().encode_arrays(texts)
+        return [np.array(e.ids, dtype=np.int64)
+                for e in backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

@@ -42,6 +42,9 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = encoding
         self._vocab: Vocab | None = None
 
+    def n_tokens(self) -> int:
+        return int(self.enc.n_vocab)
+
     def vocab(self) -> Vocab:
         if self._vocab is not None:
             return self._vocab

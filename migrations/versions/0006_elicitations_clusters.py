@@ -3,7 +3,9 @@
 ``elicitations``: one row per restart of one elicitation (``harness elicit``, or the
 ``elicit`` detector when ``run_id`` is set); ``session`` groups the restarts of one call.
 ``clusterings``: one k-means of one embedding matrix of a model over several seeds, with the
-seeds' agreement; ``token_clusters``: each token's cluster under each seed.
+seeds' agreement; ``token_clusters``: each token's cluster under each seed;
+``cluster_centroids``: each cluster's size, distance to the matrix's centroid and stability
+across the seeds; ``centroid_distances``: each token's distance to the matrix's centroid.
 
 Revision ID: 0006
 Revises: 0005
@@ -67,9 +69,28 @@ def upgrade() -> None:
         sa.Column("cluster", sa.Integer(), nullable=False),
         sa.Column("distance", sa.Float(), nullable=False),  # to its cluster's centroid
     )
+    op.create_table(
+        "cluster_centroids",
+        sa.Column("clustering_id", sa.Integer(),
+                  sa.ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("seed", sa.Integer(), primary_key=True),
+        sa.Column("cluster", sa.Integer(), primary_key=True),
+        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("centroid_distance", sa.Float(), nullable=False),  # to the matrix's centroid
+        sa.Column("stability", sa.Float(), nullable=True),  # best Jaccard in the other seeds
+    )
+    op.create_table(
+        "centroid_distances",
+        sa.Column("clustering_id", sa.Integer(),
+                  sa.ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("token_id", sa.Integer(), primary_key=True),
+        sa.Column("distance", sa.Float(), nullable=False),  # to the whole matrix's centroid
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("centroid_distances")
+    op.drop_table("cluster_centroids")
     op.drop_table("token_clusters")
     op.drop_index("ix_clusterings_model", table_name="clusterings")
     op.drop_table("clusterings")
