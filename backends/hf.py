@@ -640,6 +640,27 @@ class _HFDifferentiable(Differentiable):
         out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype), use_cache=False)
         return out.last_hidden_state
 
+    def prefix_state(self, embeds: Any) -> Any:
+        """Every layer's keys and values of ``embeds``."""
+        with self.backend.torch.no_grad():
+            out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype),
+                                                use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.cache.layers]
+
+    def hidden_after(self, state: Any, rows: Any, length: int, embeds: Any) -> Any:
+        """``embeds`` read after a copy of the cached prefix, cut to ``length`` positions."""
+        from transformers import DynamicCache
+
+        torch = self.backend.torch
+        cache = DynamicCache(ddp_cache_data=[(k[rows, :, :length], v[rows, :, :length])
+                                             for k, v in state],
+                             config=self.backend.model.config)
+        n, t = embeds.shape[:2]
+        positions = torch.arange(length, length + t, device=embeds.device).expand(n, t)
+        out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype), cache=cache,
+                                            position_ids=positions, use_cache=True)
+        return out.last_hidden_state
+
     def logits(self, hidden: Any) -> Any:
         return self.backend._logits(hidden)
 

@@ -6,7 +6,7 @@ cascade's; a collapsed special token, a lone byte, word fragments, bracket runs)
 tokens never reach the stop probability and run every step; ordinary ones stop early.
 
 - batched: ``harness scan smollm2 -d elicit --tokens ...`` as the runner does it (the
-  detector's batches of 32 tokens, findings and every restart stored in a fresh SQLite
+  detector's batches of 128 tokens, findings and every restart stored in a fresh SQLite
   database), model load not counted;
 - naive: the same optimiser and options, one target at a time in a plain Python loop.
   It is measured on a proportional subset (9 ordinary, 1 glitch by default) and
@@ -16,7 +16,12 @@ tokens never reach the stop probability and run every step; ordinary ones stop e
   swap candidates too), on a smaller subset (1 ordinary, 1 glitch), extrapolated the same
   way.
 
-``--skip-batched`` measures only the loops and keeps the batched numbers of the results file.
+- previous: the batched path as it was before the swaps read from the cached prefix (every
+  changed prompt read whole), beside the batched path, both on one optimisation batch of a
+  subset (18 ordinary, 2 glitch by default).
+
+``--skip-batched`` measures only the loops and keeps the batched numbers of the results file;
+``--skip-loops`` the reverse.
 
 The CPU is shared: the load average before and after is recorded, and torch's thread count.
 
@@ -48,7 +53,11 @@ def main() -> None:
     ap.add_argument("--naive-glitch", type=int, default=1)
     ap.add_argument("--unbatched-ordinary", type=int, default=1)
     ap.add_argument("--unbatched-glitch", type=int, default=1)
+    ap.add_argument("--previous-ordinary", type=int, default=18)
+    ap.add_argument("--previous-glitch", type=int, default=2)
     ap.add_argument("--skip-batched", action="store_true")
+    ap.add_argument("--skip-loops", action="store_true",
+                    help="keep the naive and unbatched numbers of the results file")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("-o", "--option", action="append", default=[],
                     help="elicit detector option KEY=VALUE (both paths), e.g. swaps=8")
@@ -89,6 +98,7 @@ def main() -> None:
     opts = det.elicit_options
     thr = float(det.options["threshold"])
     cand = prompt_candidates(cats, det.options["prompt_tokens"])
+    kept = json.loads(args.out.read_text()) if args.skip_loops else None
     prev = json.loads(args.out.read_text()) if args.skip_batched else None
     if prev is None:  # batched: the detector through the runner, storing everything
         with tempfile.TemporaryDirectory() as tmp:
@@ -121,16 +131,36 @@ def main() -> None:
 
     # naive: one target at a time, the same options
     subset = ordinary[: args.naive_ordinary] + glitch[: args.naive_glitch]
-    naive_s, naive = loop(subset)
-    # unbatched: also every swap candidate in a forward pass of its own
     few = ordinary[: args.unbatched_ordinary] + glitch[: args.unbatched_glitch]
     import harness.elicitation as el
 
-    cells, el.LOGIT_CELLS = el.LOGIT_CELLS, 1
-    try:
-        unbatched_s, unbatched = loop(few)
-    finally:
-        el.LOGIT_CELLS = cells
+    if kept is None:
+        naive_s, naive = loop(subset)
+        # unbatched: also every swap candidate in a forward pass of its own
+        cells, el.LOGIT_CELLS = el.LOGIT_CELLS, 1
+        try:
+            unbatched_s, unbatched = loop(few)
+        finally:
+            el.LOGIT_CELLS = cells
+    else:
+        naive_s, naive = kept["naive"]["measured_s"], {}
+        unbatched_s, unbatched = kept["unbatched"]["measured_s"], {}
+
+    # previous: one batch of a subset, swaps read whole (as before) and from the cached prefix
+    some = ordinary[: args.previous_ordinary] + glitch[: args.previous_glitch]
+    some_rows = [ElicitRow([t], seed=0, group=t) for t in some]
+    walls, found_p = {}, {}
+    for name, cutoff in (("previous", 10**12), ("batched", el.PREFIX_MIN_SEQUENCES)):
+        keep, el.PREFIX_MIN_SEQUENCES = el.PREFIX_MIN_SEQUENCES, cutoff
+        try:
+            t0 = time.perf_counter()
+            got = elicit(be, some_rows, cand, opts)
+            walls[name] = time.perf_counter() - t0
+            found_p[name] = [f.probability for f in got]
+        finally:
+            el.PREFIX_MIN_SEQUENCES = keep
+    same = sum((a >= thr) == (b >= thr)
+               for a, b in zip(found_p["previous"], found_p["batched"], strict=True))
 
     def agree(got: dict[int, float]) -> str:
         known = [t for t in got if t in batched_p]
@@ -150,12 +180,21 @@ def main() -> None:
         "unbatched": {"tokens_measured": len(few), "measured_s": round(unbatched_s, 1),
                       "extrapolated_s": round(unbatched_s * n / len(few), 1),
                       "verdicts_agree_with_batched": agree(unbatched)},
+        "previous_side_by_side": {
+            "tokens": len(some), "previous_s": round(walls["previous"], 1),
+            "batched_s": round(walls["batched"], 1),
+            "speedup": round(walls["previous"] / walls["batched"], 2),
+            "verdicts_agree": f"{same}/{len(some)}"},
         "speedup_vs_naive": round(naive_s * n / len(subset) / batched["detector_s"], 2),
         "speedup_vs_unbatched": round(unbatched_s * n / len(few) / batched["detector_s"], 2),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_average_1min": [round(load0[0], 2), round(load1[0], 2)],
         "torch": torch.__version__, "python": platform.python_version(),
     }
+    if kept is not None:  # the loops as measured in the run that wrote the results file
+        report["naive"], report["unbatched"] = kept["naive"], kept["unbatched"]
+        report["loops_load_average_1min"] = kept.get("loops_load_average_1min",
+                                                     kept["load_average_1min"])
     if prev is not None:  # the batched run's own conditions, and its loop beside it
         report["load_average_1min_batched"] = prev.get("load_average_1min_batched",
                                                        prev.get("load_average_1min"))

@@ -51,7 +51,7 @@ class Elicit(Detector):
     # threshold: the repeat verifier's 0.01; a token stops at twice that (stop_at), which is
     # all its verdict needs, and its evidence's probability is then a lower bound
     defaults = {"positions": 8, "steps": 50, "swaps": 16, "restarts": 1, "lr": 0.3,
-                "reg": 0.1, "threshold": 0.01, "stop_at": 0.02, "seed": 0, "batch": 64,
+                "reg": 0.1, "threshold": 0.01, "stop_at": 0.02, "seed": 0, "batch": 128,
                 "prompt_tokens": "normal", "allow_target": False, "against": "repeat-probe"}
 
     def __init__(self, **options: Any) -> None:

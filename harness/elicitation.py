@@ -50,6 +50,9 @@ from harness.errors import HarnessError
 from harness.vocab import NORMAL, PADDING, SPECIAL
 
 PROMPT_TOKENS = ("normal", "nonspecial")  # which tokens a prompt may hold
+# swaps are read after the cached prefix from this many changed prompts a step on; fewer
+# read whole (one model call instead of one per position: calls cost more than arithmetic)
+PREFIX_MIN_SEQUENCES = 128
 SIM_CELLS = 1 << 24  # similarity scores computed at once while projecting (64 MiB)
 LOGIT_CELLS = 1 << 25  # logits computed at once while trying swaps (128 MiB)
 
@@ -219,31 +222,75 @@ class _Batch:
         self.torch, self.model = torch, model
         emb = model.embeddings
         self.emb = emb
+        self.n_bos = len(bos)
         self.bos = emb[torch.tensor(bos, dtype=torch.long, device=emb.device)] if bos else None
         self.targets = targets  # (B, T)
         self.tail = emb[targets[:, :-1]]  # teacher forcing: the target's tokens but the last
         self.reads = len(bos) + n_pos - 1 + torch.arange(targets.shape[1], device=emb.device)
 
+    def _read(self, hidden: Any, rows: Any, offset: int = 0) -> Any:
+        """log p(target) of batch rows ``rows`` from hidden states that start ``offset``
+        positions into the sequence."""
+        logits = self.model.logits(hidden[:, self.reads - offset])
+        logp = self.torch.log_softmax(logits, dim=-1)
+        return logp.gather(2, self.targets[rows][:, :, None]).squeeze(2).sum(dim=1)
+
+    def _with_tail(self, embeds: Any, rows: Any) -> Any:
+        if self.targets.shape[1] > 1:
+            return self.torch.cat([embeds, self.tail[rows]], dim=1)
+        return embeds
+
     def logp(self, prompt: Any, rows: Any) -> Any:
         """log p(target) (len(rows),) after ``prompt`` (len(rows), N, d), for batch rows
         ``rows``."""
-        torch = self.torch
-        parts = [prompt]
+        parts = [self._with_tail(prompt, rows)]
         if self.bos is not None:
             parts.insert(0, self.bos.expand(len(rows), -1, -1))
-        if self.targets.shape[1] > 1:
-            parts.append(self.tail[rows])
-        hidden = self.model.hidden(torch.cat(parts, dim=1))
-        logp = torch.log_softmax(self.model.logits(hidden[:, self.reads]), dim=-1)
-        return logp.gather(2, self.targets[rows][:, :, None]).squeeze(2).sum(dim=1)
+        return self._read(self.model.hidden(self.torch.cat(parts, dim=1)), rows)
+
+    def _chunk(self) -> int:
+        return max(1, LOGIT_CELLS // (self.emb.shape[0] * self.targets.shape[1]))
 
     def logp_ids(self, ids: Any, rows: Any) -> Any:
         """``logp`` of token prompts (len(rows), N), without gradients, in chunks."""
         torch = self.torch
-        size = max(1, LOGIT_CELLS // (self.emb.shape[0] * self.targets.shape[1]))
+        size = self._chunk()
         with torch.no_grad():
             return torch.cat([self.logp(self.emb[ids[i:i + size]], rows[i:i + size])
                               for i in range(0, len(ids), size)])
+
+    def logp_swaps(self, ids: Any, tried: Any, pos: Any, rows: Any) -> Any:
+        """``logp`` (L, K) of one-token changes ``tried`` (L, K, N) of the prompts ``ids``
+        (L, N) of batch rows ``rows``, change k at position ``pos[k]``, without gradients.
+
+        The positions before a change are the unchanged prompt's: its keys and values are
+        computed once (``prefix_state``) and each change reads only from its position on,
+        about half the arithmetic of reading every changed prompt whole."""
+        torch = self.torch
+        n_live, n_swaps, n_pos = tried.shape
+        size = self._chunk()
+        out = torch.empty(n_live, n_swaps, device=self.emb.device)
+        with torch.no_grad():
+            base = self.emb[ids]
+            if self.bos is not None:
+                base = torch.cat([self.bos.expand(n_live, -1, -1), base], dim=1)
+            state = self.model.prefix_state(base)
+            for at in sorted(set(pos.tolist())):
+                ks = torch.nonzero(pos == at).flatten()
+                seqs = tried[:, ks, at:].reshape(n_live * len(ks), n_pos - at)
+                which = torch.arange(n_live, device=ids.device).repeat_interleave(len(ks))
+                length = self.n_bos + at
+                found = []
+                for i in range(0, len(seqs), size):
+                    part, r = which[i:i + size], rows[which[i:i + size]]
+                    suffix = self._with_tail(self.emb[seqs[i:i + size]], r)
+                    if length:
+                        hidden = self.model.hidden_after(state, part, length, suffix)
+                    else:
+                        hidden = self.model.hidden(suffix)
+                    found.append(self._read(hidden, r, offset=length))
+                out[:, ks] = torch.cat(found).view(n_live, len(ks))
+        return out
 
 
 def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.ndarray,
@@ -331,8 +378,11 @@ def _swap(torch: Any, vocab: _Candidates, batch: _Batch, prompt: Any, live: np.n
         tokens = ranked[:, pos, rank]  # (L, K)
         tried = ids[:, None, :].repeat(1, n_swaps, 1)
         tried[:, torch.arange(n_swaps), pos] = tokens
-        q = batch.logp_ids(tried.reshape(n_live * n_swaps, n_pos),
-                           rows_t.repeat_interleave(n_swaps)).exp().view(n_live, n_swaps)
+        if n_live * n_swaps >= PREFIX_MIN_SEQUENCES:
+            q = batch.logp_swaps(ids, tried, pos, rows_t).exp()
+        else:
+            q = batch.logp_ids(tried.reshape(n_live * n_swaps, n_pos),
+                               rows_t.repeat_interleave(n_swaps)).exp().view(n_live, n_swaps)
         q_best, k_best = q.max(dim=1)
         q_best, k_best = q_best.cpu().numpy(), k_best.cpu().numpy()
         ids_np, p = ids.cpu().numpy(), p.copy()

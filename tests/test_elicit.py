@@ -85,6 +85,35 @@ def test_rows_do_not_depend_on_their_batch(tiny):
     assert set(alone[0].prompt_ids) <= set(cand.tolist())
 
 
+@pytest.mark.parametrize("target", [[40], [40, 41]])
+@pytest.mark.parametrize("cached", [True, False])
+def test_swaps_read_from_the_cached_prefix_as_the_whole_prompt_would(tiny, target, cached):
+    """Each one-token change read after the unchanged prompt's cached keys and values gives
+    the log-probability of reading the changed prompt whole (the hf cache, and the default
+    of ``Differentiable`` that reads the prefix again)."""
+    import torch
+
+    from harness.backend import Differentiable
+    from harness.elicitation import _Batch
+
+    model = tiny.differentiable()
+    if not cached:
+        model.prefix_state = lambda embeds: Differentiable.prefix_state(model, embeds)
+        model.hidden_after = lambda *a: Differentiable.hidden_after(model, *a)
+    for bos in ([], [1]):
+        n_pos, n_swaps = 4, 6
+        batch = _Batch(torch, model, bos, torch.tensor([target, target]), n_pos)
+        gen = torch.Generator().manual_seed(len(bos))
+        ids = torch.randint(2, 200, (2, n_pos), generator=gen)
+        pos = torch.arange(n_swaps) % n_pos
+        tried = ids[:, None, :].repeat(1, n_swaps, 1)
+        tried[:, torch.arange(n_swaps), pos] = torch.randint(2, 200, (2, n_swaps), generator=gen)
+        rows_ = torch.tensor([1, 0])
+        got = batch.logp_swaps(ids, tried, pos, rows_)
+        want = batch.logp_ids(tried.reshape(-1, n_pos), rows_.repeat_interleave(n_swaps))
+        assert got.flatten().tolist() == pytest.approx(want.tolist(), abs=1e-4)
+
+
 # --- harness elicit ---------------------------------------------------------------------------
 
 
