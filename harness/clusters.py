@@ -38,8 +38,8 @@ from harness.kmeans import (
     kmeans,
     pairwise_agreement,
 )
-from harness.refs import ResolvedRef, resolve
-from harness.runner import Reporter, load_backend, store_model
+from harness.refs import ResolvedRef
+from harness.runner import Reporter, open_model, store_model
 from harness.verdicts import GLITCH, SUSPECT
 from harness.vocab import token_repr
 
@@ -223,11 +223,7 @@ def cluster_model(model: str, engine: Engine, *, k: int = DEFAULT_K,
     if matrix not in MATRICES:
         plan_matrices(matrix, False)
     reg = registry()
-    ref = resolve(model, reg, backend)
-    t0 = time.perf_counter()
-    with reporter.status(f"loading {ref.alias or ref.ref}"):
-        be = load_backend(ref, reg, **(backend_options or {}))
-    load_s = time.perf_counter() - t0
+    ref, be, load_s = open_model(model, reg, backend, backend_options, reporter)
     try:
         if Capability.EMBEDDINGS not in be.capabilities:
             raise HarnessError(f"backend {be.name!r} gives no embedding matrices: load the "

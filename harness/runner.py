@@ -79,6 +79,18 @@ def load_backend(ref: ResolvedRef, reg: Registry, **backend_options: Any) -> Bac
                                                                backend_options))
 
 
+def open_model(model: str, reg: Registry, backend: str | None,
+               backend_options: dict[str, Any] | None, reporter: Reporter
+               ) -> tuple[ResolvedRef, Backend, float]:
+    """Resolve ``model`` and load it (a status line while it loads): the reference, the
+    loaded backend and the seconds the load took."""
+    ref = resolve(model, reg, backend)
+    t0 = time.perf_counter()
+    with reporter.status(f"loading {ref.alias or ref.ref}"):
+        be = load_backend(ref, reg, **(backend_options or {}))
+    return ref, be, time.perf_counter() - t0
+
+
 def make_detectors(names: Sequence[str], reg: Registry,
                    options: dict[str, dict[str, Any]]) -> list[Detector]:
     unknown = [n for n in names if n not in reg.detectors]
@@ -463,11 +475,7 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
         if candidates is None and not any(d.screens for d in dets) and screen is not None:
             extra.append(screen)
         dets = make_detectors(extra, reg, {}) + dets
-    ref = resolve(model, reg, backend)
-    t0 = time.perf_counter()
-    with reporter.status(f"loading {ref.alias or ref.ref}"):
-        be = load_backend(ref, reg, **(backend_options or {}))
-    load_s = time.perf_counter() - t0
+    ref, be, load_s = open_model(model, reg, backend, backend_options, reporter)
     try:
         vocab = be.vocab()
         model_id, cats, key = store_model(engine, ref, be, vocab, reporter)
