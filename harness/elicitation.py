@@ -265,9 +265,13 @@ class _Batch:
 
         The positions before a change are the unchanged prompt's: its keys and values are
         computed once (``prefix_state``) and each change reads only from its position on,
-        about half the arithmetic of reading every changed prompt whole."""
+        about half the arithmetic of reading every changed prompt whole. Fewer than
+        ``PREFIX_MIN_SEQUENCES`` changed prompts are read whole."""
         torch = self.torch
         n_live, n_swaps, n_pos = tried.shape
+        if n_live * n_swaps < PREFIX_MIN_SEQUENCES:
+            return self.logp_ids(tried.reshape(n_live * n_swaps, n_pos),
+                                 rows.repeat_interleave(n_swaps)).view(n_live, n_swaps)
         size = self._chunk()
         out = torch.empty(n_live, n_swaps, device=self.emb.device)
         with torch.no_grad():
@@ -378,11 +382,7 @@ def _swap(torch: Any, vocab: _Candidates, batch: _Batch, prompt: Any, live: np.n
         tokens = ranked[:, pos, rank]  # (L, K)
         tried = ids[:, None, :].repeat(1, n_swaps, 1)
         tried[:, torch.arange(n_swaps), pos] = tokens
-        if n_live * n_swaps >= PREFIX_MIN_SEQUENCES:
-            q = batch.logp_swaps(ids, tried, pos, rows_t).exp()
-        else:
-            q = batch.logp_ids(tried.reshape(n_live * n_swaps, n_pos),
-                               rows_t.repeat_interleave(n_swaps)).exp().view(n_live, n_swaps)
+        q = batch.logp_swaps(ids, tried, pos, rows_t).exp()
         q_best, k_best = q.max(dim=1)
         q_best, k_best = q_best.cpu().numpy(), k_best.cpu().numpy()
         ids_np, p = ids.cpu().numpy(), p.copy()
@@ -497,8 +497,7 @@ def run_session(engine: Any, model: str, target: str, *, restarts: int = 4, seed
 
     from harness import store
     from harness.plugins import registry
-    from harness.refs import resolve
-    from harness.runner import Reporter, load_backend, store_model
+    from harness.runner import Reporter, open_model, store_model
 
     options = options or ElicitOptions()
     options.check()
@@ -506,9 +505,7 @@ def run_session(engine: Any, model: str, target: str, *, restarts: int = 4, seed
         raise HarnessError("--restarts must be at least 1")
     reporter = reporter or Reporter()
     reg = registry()
-    ref = resolve(model, reg, backend)
-    with reporter.status(f"loading {ref.alias or ref.ref}"):
-        be = load_backend(ref, reg, **(backend_options or {}))
+    ref, be, _ = open_model(model, reg, backend, backend_options, reporter)
     try:
         check_backend(be)
         vocab = be.vocab()

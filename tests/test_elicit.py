@@ -87,15 +87,18 @@ def test_rows_do_not_depend_on_their_batch(tiny):
 
 @pytest.mark.parametrize("target", [[40], [40, 41]])
 @pytest.mark.parametrize("cached", [True, False])
-def test_swaps_read_from_the_cached_prefix_as_the_whole_prompt_would(tiny, target, cached):
+def test_swaps_read_from_the_cached_prefix_as_the_whole_prompt_would(tiny, target, cached,
+                                                                    monkeypatch):
     """Each one-token change read after the unchanged prompt's cached keys and values gives
     the log-probability of reading the changed prompt whole (the hf cache, and the default
     of ``Differentiable`` that reads the prefix again)."""
     import torch
 
+    import harness.elicitation as el
     from harness.backend import Differentiable
     from harness.elicitation import _Batch
 
+    monkeypatch.setattr(el, "PREFIX_MIN_SEQUENCES", 1)  # these few changes read cached too
     model = tiny.differentiable()
     if not cached:
         model.prefix_state = lambda embeds: Differentiable.prefix_state(model, embeds)
