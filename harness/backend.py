@@ -94,16 +94,17 @@ class Differentiable(ABC):
     def logits(self, hidden: Any) -> Any:
         """Float32 next-token logits (..., rows) from final hidden states (..., d)."""
 
-    def prefix_state(self, embeds: Any) -> Any:
-        """What ``hidden_after`` needs to go on after any prefix of ``embeds`` (B, T, d),
-        computed without gradients. By default the embeddings themselves (``hidden_after``
-        then reads the prefix again); a backend with a key/value cache returns the cache."""
-        return embeds.detach()
+    def hidden_and_state(self, embeds: Any) -> tuple[Any, Any]:
+        """``hidden(embeds)`` and, detached from gradients, what ``hidden_after`` needs to go
+        on after any prefix of ``embeds``. By default the embeddings themselves (``hidden_after``
+        then reads the prefix again); a backend with a key/value cache returns the cache that
+        this forward pass builds anyway."""
+        return self.hidden(embeds), embeds.detach()
 
     def hidden_after(self, state: Any, rows: Any, length: int, embeds: Any) -> Any:
         """The final hidden states (len(rows), T, d) of ``embeds`` (len(rows), T, d) read
         after the first ``length`` positions of rows ``rows`` of ``state``
-        (``prefix_state``): ``hidden(cat(prefix, embeds))[:, length:]``."""
+        (``hidden_and_state``): ``hidden(cat(prefix, embeds))[:, length:]``."""
         import torch
 
         return self.hidden(torch.cat([state[rows, :length], embeds], dim=1))[:, length:]

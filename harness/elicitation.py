@@ -240,13 +240,23 @@ class _Batch:
             return self.torch.cat([embeds, self.tail[rows]], dim=1)
         return embeds
 
-    def logp(self, prompt: Any, rows: Any) -> Any:
-        """log p(target) (len(rows),) after ``prompt`` (len(rows), N, d), for batch rows
-        ``rows``."""
+    def _sequence(self, prompt: Any, rows: Any) -> Any:
         parts = [self._with_tail(prompt, rows)]
         if self.bos is not None:
             parts.insert(0, self.bos.expand(len(rows), -1, -1))
-        return self._read(self.model.hidden(self.torch.cat(parts, dim=1)), rows)
+        return self.torch.cat(parts, dim=1)
+
+    def logp(self, prompt: Any, rows: Any) -> Any:
+        """log p(target) (len(rows),) after ``prompt`` (len(rows), N, d), for batch rows
+        ``rows``."""
+        return self._read(self.model.hidden(self._sequence(prompt, rows)), rows)
+
+    def logp_and_state(self, prompt: Any, rows: Any) -> tuple[Any, Any]:
+        """``logp`` and the model's state after reading the sequence
+        (``Differentiable.hidden_and_state``): ``logp_swaps`` reads the positions before
+        each change from it instead of computing them again."""
+        hidden, state = self.model.hidden_and_state(self._sequence(prompt, rows))
+        return self._read(hidden, rows), state
 
     def _chunk(self) -> int:
         return max(1, LOGIT_CELLS // (self.emb.shape[0] * self.targets.shape[1]))
@@ -259,13 +269,13 @@ class _Batch:
             return torch.cat([self.logp(self.emb[ids[i:i + size]], rows[i:i + size])
                               for i in range(0, len(ids), size)])
 
-    def logp_swaps(self, ids: Any, tried: Any, pos: Any, rows: Any) -> Any:
+    def logp_swaps(self, ids: Any, tried: Any, pos: Any, rows: Any, state: Any) -> Any:
         """``logp`` (L, K) of one-token changes ``tried`` (L, K, N) of the prompts ``ids``
         (L, N) of batch rows ``rows``, change k at position ``pos[k]``, without gradients.
 
-        The positions before a change are the unchanged prompt's: its keys and values are
-        computed once (``prefix_state``) and each change reads only from its position on,
-        about half the arithmetic of reading every changed prompt whole. Fewer than
+        The positions before a change are the unchanged prompt's: each change reads only from
+        its position on, after them in ``state`` (``logp_and_state`` of ``ids``), about half
+        the arithmetic of reading every changed prompt whole. Fewer than
         ``PREFIX_MIN_SEQUENCES`` changed prompts are read whole."""
         torch = self.torch
         n_live, n_swaps, n_pos = tried.shape
@@ -275,10 +285,6 @@ class _Batch:
         size = self._chunk()
         out = torch.empty(n_live, n_swaps, device=self.emb.device)
         with torch.no_grad():
-            base = self.emb[ids]
-            if self.bos is not None:
-                base = torch.cat([self.bos.expand(n_live, -1, -1), base], dim=1)
-            state = self.model.prefix_state(base)
             for at in sorted(set(pos.tolist())):
                 ks = torch.nonzero(pos == at).flatten()
                 seqs = tried[:, ks, at:].reshape(n_live * len(ks), n_pos - at)
@@ -334,7 +340,7 @@ def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.
         hard = emb[ids]
         straight = cont + (hard - cont).detach()  # forward on the tokens, gradient to P
         straight.retain_grad()  # its gradient: the loss's at the projected prompt
-        logp = batch.logp(straight, rows_t)
+        logp, state = batch.logp_and_state(straight, rows_t)
         dist = ((cont - hard.detach()) ** 2).sum(dim=2).mean(dim=1)
         loss = (options.reg * dist - logp).sum()
         optimiser.zero_grad(set_to_none=True)
@@ -344,7 +350,7 @@ def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.
         ids_np = ids.cpu().numpy()
         if n_swaps:
             ids_np, p = _swap(torch, vocab, batch, prompt, live, rows_t, ids, p,
-                              straight.grad, n_swaps, live_banned)
+                              straight.grad, state, n_swaps, live_banned)
         steps_run[live] += 1
         better = p > best_p[live]
         best_p[live[better]] = p[better]
@@ -367,7 +373,7 @@ def _optimise(model: Any, bos: list[int], rows: list[ElicitRow], candidates: np.
 
 
 def _swap(torch: Any, vocab: _Candidates, batch: _Batch, prompt: Any, live: np.ndarray,
-          rows_t: Any, ids: Any, p: np.ndarray, grad: Any, n_swaps: int,
+          rows_t: Any, ids: Any, p: np.ndarray, grad: Any, state: Any, n_swaps: int,
           banned: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Try ``n_swaps`` one-token changes of each live row's projected prompt ``ids``, the
     ones the gradient ranks best; where the best beats the projected prompt (probability
@@ -382,7 +388,7 @@ def _swap(torch: Any, vocab: _Candidates, batch: _Batch, prompt: Any, live: np.n
         tokens = ranked[:, pos, rank]  # (L, K)
         tried = ids[:, None, :].repeat(1, n_swaps, 1)
         tried[:, torch.arange(n_swaps), pos] = tokens
-        q = batch.logp_swaps(ids, tried, pos, rows_t).exp()
+        q = batch.logp_swaps(ids, tried, pos, rows_t, state).exp()
         q_best, k_best = q.max(dim=1)
         q_best, k_best = q_best.cpu().numpy(), k_best.cpu().numpy()
         ids_np, p = ids.cpu().numpy(), p.copy()

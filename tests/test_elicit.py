@@ -89,9 +89,9 @@ def test_rows_do_not_depend_on_their_batch(tiny):
 @pytest.mark.parametrize("cached", [True, False])
 def test_swaps_read_from_the_cached_prefix_as_the_whole_prompt_would(tiny, target, cached,
                                                                     monkeypatch):
-    """Each one-token change read after the unchanged prompt's cached keys and values gives
-    the log-probability of reading the changed prompt whole (the hf cache, and the default
-    of ``Differentiable`` that reads the prefix again)."""
+    """Each one-token change read after the unchanged prompt's keys and values, as its own
+    forward pass left them, gives the log-probability of reading the changed prompt whole
+    (the hf cache, and the default of ``Differentiable`` that reads the prefix again)."""
     import torch
 
     import harness.elicitation as el
@@ -101,7 +101,7 @@ def test_swaps_read_from_the_cached_prefix_as_the_whole_prompt_would(tiny, targe
     monkeypatch.setattr(el, "PREFIX_MIN_SEQUENCES", 1)  # these few changes read cached too
     model = tiny.differentiable()
     if not cached:
-        model.prefix_state = lambda embeds: Differentiable.prefix_state(model, embeds)
+        model.hidden_and_state = lambda embeds: Differentiable.hidden_and_state(model, embeds)
         model.hidden_after = lambda *a: Differentiable.hidden_after(model, *a)
     for bos in ([], [1]):
         n_pos, n_swaps = 4, 6
@@ -112,7 +112,9 @@ def test_swaps_read_from_the_cached_prefix_as_the_whole_prompt_would(tiny, targe
         tried = ids[:, None, :].repeat(1, n_swaps, 1)
         tried[:, torch.arange(n_swaps), pos] = torch.randint(2, 200, (2, n_swaps), generator=gen)
         rows_ = torch.tensor([1, 0])
-        got = batch.logp_swaps(ids, tried, pos, rows_)
+        with torch.no_grad():
+            _, state = batch.logp_and_state(model.embeddings[ids], rows_)
+        got = batch.logp_swaps(ids, tried, pos, rows_, state)
         want = batch.logp_ids(tried.reshape(-1, n_pos), rows_.repeat_interleave(n_swaps))
         assert got.flatten().tolist() == pytest.approx(want.tolist(), abs=1e-4)
 
