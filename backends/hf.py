@@ -47,6 +47,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # activations of a small model to stay in cache on a CPU.
 CPU_BATCH_TOKENS = 4096
 CUDA_BATCH_TOKENS = 65536
+# A bf16 or fp16 body can put a probability on the other side of a probe's threshold than
+# float32 does (SmolLM2 on an H200: token 32608 at 0.01001 in bf16, 0.00927 in float32).
+# Probes that end within this factor of their threshold run again on the model loaded in
+# float32, so that verdicts do not depend on the dtype.
+NEAR_THRESHOLD = 2.0
 
 
 @hookimpl
@@ -99,6 +104,7 @@ class HFBackend(Backend):
         self._head32: tuple[Any, Any] | None = None
         self._memory_share = 0.6  # of the free GPU memory, for one pass; halved on OOM
         self._shared_prefix = False
+        self._float32: HFBackend | None = None  # the float32 twin, loaded on first need
         self._load(target)
         self._check_head()
         self._shared_prefix = self._try_shared_prefix()
@@ -195,7 +201,7 @@ class HFBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         cfg = self.model.config
-        return {
+        info = {
             "architecture": type(self.model).__name__,
             "model_type": getattr(cfg, "model_type", None),
             "n_params": int(sum(p.numel() for p in self.model.parameters())),
@@ -207,6 +213,12 @@ class HFBackend(Backend):
             "dtype": self.dtype_name,
             "source": self._source,
         }
+        if self.dtype_name != "float32":
+            problem = self._float32_problem()
+            info["near_threshold"] = (
+                f"probes within {NEAR_THRESHOLD:g}x of their threshold run again in float32"
+                if problem is None else f"kept in {self.dtype_name}: {problem}")
+        return info
 
     def context_length(self) -> int | None:
         config = self.model.config
@@ -480,7 +492,41 @@ class HFBackend(Backend):
             chunks = [idx[k: k + size] for k in range(0, len(idx), size)]
             self._run_chunks(chunks, lambda c, p=prefix: self._probe_chunk(
                 p, [requests[i] for i in c], [results[i] for i in c]), fail)
+        if self.dtype_name != "float32":
+            self._recheck_near_threshold(requests, results)
         return results
+
+    def _recheck_near_threshold(self, requests: Sequence[ProbeRequest],
+                                results: list[ProbeResult]) -> None:
+        """Probes whose highest probability ended within ``NEAR_THRESHOLD`` of their
+        ``stop_at`` again, in float32 (where the twin fits; otherwise as they are)."""
+        near = [i for i, (q, r) in enumerate(zip(requests, results, strict=True))
+                if q.stop_at and r.error is None and not r.gave_up
+                and q.stop_at / NEAR_THRESHOLD <= r.max_prob < q.stop_at * NEAR_THRESHOLD]
+        if not near or (twin := self.float32_twin()) is None:
+            return
+        for i, res in zip(near, twin.probe([requests[i] for i in near]), strict=True):
+            if res.error is None:
+                results[i] = res
+
+    def float32_twin(self) -> HFBackend | None:
+        """The same model loaded in float32 on the same device (once, when first asked), or
+        None where it would not fit (``describe()`` says why)."""
+        if self._float32 is None and self._float32_problem() is None:
+            self._float32 = HFBackend(self.target, dtype="float32", device=self.device,
+                                      batch_tokens=self.batch_tokens)
+        return self._float32
+
+    def _float32_problem(self) -> str | None:
+        """Why this model's float32 twin cannot be loaded beside it, or None."""
+        if self._float32 is not None or not self.device.startswith("cuda"):
+            return None
+        need = 4 * sum(p.numel() for p in self.model.parameters())
+        free, _ = self.torch.cuda.mem_get_info(self.device)
+        if need > 0.5 * free:
+            return (f"its float32 weights ({need / 2**30:.1f} GiB) would take more than half "
+                    f"the free GPU memory ({free / 2**30:.1f} GiB)")
+        return None
 
     def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
         """The key/value cache of ``prefix``, one row, computed once (the 8 latest kept)."""
@@ -612,6 +658,9 @@ class HFBackend(Backend):
         return results
 
     def close(self) -> None:
+        if self._float32 is not None:
+            self._float32.close()
+            self._float32 = None
         self.model = None
         self.tokenizer = None
         self._prefix_caches.clear()
@@ -640,12 +689,11 @@ class _HFDifferentiable(Differentiable):
         out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype), use_cache=False)
         return out.last_hidden_state
 
-    def prefix_state(self, embeds: Any) -> Any:
-        """Every layer's keys and values of ``embeds``."""
-        with self.backend.torch.no_grad():
-            out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype),
-                                                use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.cache.layers]
+    def hidden_and_state(self, embeds: Any) -> tuple[Any, Any]:
+        """``hidden`` and every layer's keys and values (detached) of ``embeds``."""
+        out = self.backend.model.base_model(inputs_embeds=embeds.to(self.dtype), use_cache=True)
+        return out.last_hidden_state, [(layer.keys.detach(), layer.values.detach())
+                                       for layer in out.cache.layers]
 
     def hidden_after(self, state: Any, rows: Any, length: int, embeds: Any) -> Any:
         """``embeds`` read after a copy of the cached prefix, cut to ``length`` positions."""

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.real_model
 # SmolLM2 tokens whose exact verify-3 verdict is known (the reference of benchmarks/fidelity.py)
 GLITCH = [0, 5, 190, 3420, 36743, 43858]  # <|endoftext|>, <file_sep>, \x00, ..., MetaInfoClass
 ORDINARY = list(range(1000, 1040))  # common merges
-NEAR = {3420: "glitch", 3944: "glitch", 2065: "ok", 752: "ok"}  # max p 0.0029 .. 0.0173
+NEAR = {3420: "glitch", 3944: "glitch", 2065: "ok", 752: "ok",  # max p 0.0029 .. 0.0173
+        32608: "glitch"}  # 0.00927 in float32; 0.01001 in bf16 on an H200
 
 
 def rows(db, sql, *params):
@@ -87,6 +88,36 @@ def test_bf16_verdicts_equal_float32_near_the_threshold():
         be.close()
     assert verdicts["float32"] == NEAR
     assert verdicts["bfloat16"] == NEAR
+
+
+def test_bf16_probes_near_the_threshold_run_again_in_float32(monkeypatch):
+    """Probes of a bf16 model that end within ``NEAR_THRESHOLD`` of their threshold carry
+    the float32 model's results; the others keep the bf16 model's own."""
+    import backends.hf as hf
+    from models.aliases import smollm2_gguf
+    from probes import VERIFY_3
+
+    be = hf.HFBackend(smollm2_gguf(), dtype="bfloat16")
+    assert "run again in float32" in be.describe()["near_threshold"]
+    plans = plan_probe_set(VERIFY_3, be.encode, be.bos_ids())
+    reqs = [ProbeRequest(p.tail_for(t), t, 3, p.prefix, 0.01) for p in plans
+            for t in [*NEAR, GLITCH[0], *ORDINARY[:3]]]
+    monkeypatch.setattr(hf, "NEAR_THRESHOLD", 1.0)  # nothing near: the bf16 model alone
+    own = be.probe(reqs)
+    assert be._float32 is None
+    monkeypatch.setattr(hf, "NEAR_THRESHOLD", 2.0)
+    got = be.probe(reqs)
+    twin = be.float32_twin()
+    assert twin is not None and twin.dtype_name == "float32"
+    exact = twin.probe(reqs)
+    near = [0.005 <= r.max_prob < 0.02 for r in own]
+    assert 0 < sum(near) < len(reqs)
+    for is_near, g, o, e in zip(near, got, own, exact, strict=True):  # float32 sums depend
+        assert g.probs == pytest.approx(e.probs if is_near else o.probs, rel=1e-4)  # on batch
+    assert any(o.probs != pytest.approx(e.probs, rel=1e-3)
+               for is_near, o, e in zip(near, own, exact, strict=True)
+               if not is_near)  # elsewhere the bf16 model's own numbers
+    be.close()
 
 
 def test_an_extra_detector_run_keeps_the_verified_glitch_tokens(tmp_path):
