@@ -39,6 +39,19 @@ def test_tokenizer_analysis(tiny):
     assert cats[tiny.encode(" the")[0]] == NORMAL
 
 
+def test_decode_batch_gives_what_transformers_gives(tiny, monkeypatch):
+    """The Rust tokenizer decodes directly unless transformers would clean up the text."""
+    tok = tiny.tokenizer
+    gen = np.random.default_rng(0)
+    seqs = [[i] for i in range(len(tok.tok))] + [
+        gen.integers(0, len(tok.tok), int(gen.integers(1, 30))).tolist() for _ in range(300)]
+    seqs.append(tok.encode("hello , world . it 's"))
+    assert tok.decode_batch(seqs) == tok.tok.batch_decode(seqs, skip_special_tokens=False)
+    monkeypatch.setattr(tok.tok, "clean_up_tokenization_spaces", True)
+    assert tok.decode_batch(seqs[-1:]) == tok.tok.batch_decode(seqs[-1:],
+                                                               skip_special_tokens=False)
+
+
 def test_capabilities_and_tied_embeddings(tiny):
     assert Capability.SCORE in tiny.capabilities
     assert tiny.embeddings_tied()
