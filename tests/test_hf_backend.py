@@ -47,9 +47,13 @@ def test_decode_batch_gives_what_transformers_gives(tiny, monkeypatch):
         gen.integers(0, len(tok.tok), int(gen.integers(1, 30))).tolist() for _ in range(300)]
     seqs.append(tok.encode("hello , world . it 's"))
     assert tok.decode_batch(seqs) == tok.tok.batch_decode(seqs, skip_special_tokens=False)
+    # a tokenizer that cleans up (transformers skips it for BPE unless forced)
     monkeypatch.setattr(tok.tok, "clean_up_tokenization_spaces", True)
-    assert tok.decode_batch(seqs[-1:]) == tok.tok.batch_decode(seqs[-1:],
-                                                               skip_special_tokens=False)
+    monkeypatch.setattr(tok.tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_"
+                        "corrupt_output", True, raising=False)
+    cleaned = tok.decode_batch(seqs[-1:])
+    assert cleaned == tok.tok.batch_decode(seqs[-1:], skip_special_tokens=False)
+    assert cleaned == ["hello, world. it's"]
 
 
 def test_capabilities_and_tied_embeddings(tiny):
