@@ -119,12 +119,13 @@ class RepeatProbe(Detector):
                 yield self._text_batch(ctx, batch)
 
     def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int]], list],
-                 repeated: Callable[[int, PromptPlan, Any], bool]
+                 repeated: Callable[[int, PromptPlan, Any], bool | None]
                  ) -> tuple[dict[int, str], dict[int, str]]:
         """Run the prompts in order on the tokens not yet decided; ``ask`` answers a prompt
         for some tokens (results with ``error``), ``repeated`` records an answer and says
-        whether it shows the model repeating the token. Returns the deciding prompt per
-        decided token and the last error per token that had one."""
+        whether it shows the model repeating the token (True), or not (False), or not and
+        no later prompt is to be asked (None). Returns the deciding prompt per decided
+        token and the last error per token that had one."""
         decided: dict[int, str] = {}
         errors: dict[int, str] = {}
         todo = list(batch)
@@ -136,9 +137,9 @@ class RepeatProbe(Detector):
                 if res.error:
                     errors[t] = res.error
                     still.append(t)
-                elif repeated(t, plan, res):
+                elif (shown := repeated(t, plan, res)):
                     decided[t] = plan.label
-                else:
+                elif shown is False:
                     still.append(t)
             todo = still
         return decided, errors
@@ -156,6 +157,7 @@ class RepeatProbe(Detector):
     def _logprob_batch(self, ctx: ScanContext, batch: list[int]) -> list[Finding]:
         be = ctx.backend
         thr = float(self.options["threshold"])
+        hopeless = float(self.options.get("hopeless_below", 0.0))
         steps = int(self.options["steps"])
         probs: dict[int, dict[str, float]] = {t: {} for t in batch}
         scout_p: dict[int, dict[str, float]] = {t: {} for t in batch}
@@ -166,12 +168,14 @@ class RepeatProbe(Detector):
             return be.probe([ProbeRequest(plan.tail_for(t), t, steps, plan.prefix, thr,
                                           checkpoint, self.scout_below) for t in todo])
 
-        def repeated(t: int, plan: PromptPlan, res: ProbeResult) -> bool:
+        def repeated(t: int, plan: PromptPlan, res: ProbeResult) -> bool | None:
             if res.gave_up:  # its scout left it far below the threshold
                 scout_p[t][plan.label] = res.max_prob
                 return False
             probs[t][plan.label] = res.max_prob
             greedy[t][plan.label] = res.ids
+            if res.max_prob < hopeless:
+                return None
             return res.max_prob >= thr
 
         decided, errors = self._cascade(batch, ask, repeated)

@@ -72,19 +72,23 @@ VERIFY_3 = ProbeSet(
 )
 
 # The first stage of a whole-vocabulary scan: short prompts that keep the quoted repeat
-# context. In the pair list the token under test is two tokens (itself and the closing
-# quote with the comma) after a shared prefix, so a forward pass costs two positions a token.
+# context, each asked only for what the ones before leave unsettled. In the pair list the
+# token under test is two tokens (itself and the closing quote with the comma) after a shared
+# prefix, so a forward pass costs two positions a token. The last is the opening of
+# verify-3's copying device (its scout): it settles about half the ordinary tokens the first
+# two leave (SmolLM2 52 %, Gemma 3 62 %), which would otherwise run the long prompts.
 _PAIRS = ("cat", " the", "ing", "))", "Class", "42", " dec", "ér", "_id", " Paris")
 SCREEN = ProbeSet(
     name="screen",
     description="the whole-vocabulary first stage: a list of words each written twice in "
-                "quotes, then the token repeated six times",
+                "quotes, the token repeated six times, a copying device shown two trials",
     templates=(
         "Each item is a word and its exact copy:\n["
         + ",".join(f'["{w}","{w}"]' for w in _PAIRS) + ',["{token}","{repeat}',
         _repeats(6),
+        _device(2),
     ),
-    labels=("pair-list", "repeats-6"),
+    labels=("pair-list", "repeats-6", "input-output-2"),
 )
 
 

@@ -51,7 +51,8 @@ def test_screen_settles_ordinary_tokens_and_passes_glitch_tokens_on(smollm2):
     settled = [t for t in ORDINARY if found[t].verdict == "ok"]
     assert len(settled) >= 0.9 * len(ORDINARY)
     assert all(found[t].score >= 0.02 for t in settled)
-    assert all(found[t].evidence["repeated_in"] in ("pair-list", "repeats-6") for t in settled)
+    assert all(found[t].evidence["repeated_in"] in ("pair-list", "repeats-6", "input-output-2")
+               for t in settled)
 
 
 @pytest.mark.parametrize("probes", ["screen", "verify-3"])
@@ -162,6 +163,22 @@ def test_scouts_skip_the_long_prompts_for_unused_tokens_only(gemma):
         assert all(p < 1e-5 for p in fast[t].evidence["scout"].values())
         assert not set(fast[t].evidence["scout"]) & set(fast[t].evidence["p"])
     assert all(fast[t].verdict == "ok" and "scout" not in fast[t].evidence for t in ordinary)
+
+
+def test_the_screen_asks_a_hopeless_token_no_more_prompts(gemma):
+    """A never-trained row reads far below ``hopeless_below`` in the first screen prompt and
+    is asked no other; it stays suspect, as when every prompt is asked."""
+    from detectors.repeat_screen import RepeatScreen
+
+    unused = [t for t, text in enumerate(gemma.vocab().text) if text.startswith("<unused")]
+    unused = unused[1000::1000]
+    short = run(RepeatScreen(), gemma, unused)
+    every = run(RepeatScreen(hopeless_below=0), gemma, unused)
+    for t in unused:
+        assert short[t].verdict == every[t].verdict == "suspect"
+        assert list(short[t].evidence["p"]) == ["pair-list"]
+        assert short[t].evidence["p"]["pair-list"] < 1e-5
+        assert list(every[t].evidence["p"]) == ["pair-list", "repeats-6", "input-output-2"]
 
 
 def test_a_fresh_gguf_conversion_prints_nothing_of_its_own(tmp_path, monkeypatch, capfd):
