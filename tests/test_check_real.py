@@ -40,7 +40,7 @@ ORDINARY = (260, 2644)  # ' the', ' cat'
 @pytest.fixture(scope="module")
 def smollm2_db(tmp_path_factory):
     """A short scan of SmolLM2 (llama.cpp): the static embedding-centroid over every token (it
-    flags the collapsed rows), repeat-probe with the two short screen prompts on the planted
+    flags the collapsed rows), repeat-probe with the screen's short prompts on the planted
     tokens and two ordinary ones."""
     db = tmp_path_factory.mktemp("smollm2-check") / "results.db"
     result = scan("smollm2", open_db(f"sqlite:///{db}"),
