@@ -70,26 +70,24 @@ def main() -> None:
     run(now, ctx, ids[:8])  # warm-up: prefix caches, allocator
     report: dict = {"model": args.model, "machine": platform.machine(), "vocab": len(vocab),
                     "sample": len(ids), "seed": args.seed}
-    verdicts = {}
+    scale = len(vocab) / len(ids)
+    glitch: dict[str, set[int]] = {}
+    settled: dict[str, set[int]] = {}
     for name, screen in (("before", before), ("now", now)):
         found, screen_s = run(screen, ctx, ids)
-        left = np.array([t for t in ids if found[t].verdict != "ok"], dtype=np.int64)
+        settled[name] = {int(t) for t in ids if found[t].verdict == "ok"}
+        left = np.array([t for t in ids if int(t) not in settled[name]], dtype=np.int64)
         checked, verify_s = run(RepeatProbe(), ctx, left)
-        verdicts[name] = {t: f.verdict for t, f in checked.items()}
-        verdicts[name + "_settled"] = {t for t in ids if found[t].verdict == "ok"}
-        scale = len(vocab) / len(ids)
+        glitch[name] = {t for t, f in checked.items() if f.verdict == "glitch"}
         report[name] = {"screen_s": round(screen_s, 1), "unsettled": len(left),
-                        "verify_s": round(verify_s, 1),
-                        "glitch": sum(v == "glitch" for v in verdicts[name].values()),
+                        "verify_s": round(verify_s, 1), "glitch": len(glitch[name]),
                         "total_s": round(screen_s + verify_s, 1),
                         "whole_vocabulary_min": round((screen_s + verify_s) * scale / 60, 1)}
         print(name, json.dumps(report[name]), flush=True)
-    glitch_before = {t for t, v in verdicts["before"].items() if v == "glitch"}
-    glitch_now = {t for t, v in verdicts["now"].items() if v == "glitch"}
     report["speedup"] = round(report["before"]["total_s"] / report["now"]["total_s"], 3)
     report["fidelity"] = {
-        "glitch_settled_by_new_screen": sorted(glitch_before & verdicts["now_settled"]),
-        "same_glitch_tokens": glitch_before == glitch_now}
+        "glitch_settled_by_new_screen": sorted(glitch["before"] & settled["now"]),
+        "same_glitch_tokens": glitch["before"] == glitch["now"]}
     print(json.dumps({k: report[k] for k in ("speedup", "fidelity")}))
     out = args.out or ROOT / "benchmarks" / "results" / f"screen_prompts_{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
