@@ -1,7 +1,7 @@
 """``determinism``: ask the same repeat prompt several times at temperature 0 and count the
 distinct answers.
 
-Seed 000 saw glitch tokens break determinism at temperature 0 in OpenAI's API: the same
+Rumbelow & Watkins saw glitch tokens break determinism at temperature 0 in OpenAI's API: the same
 prompt gave different completions. Greedy decoding should answer the same way every time, so
 more than one distinct answer is a sign that the model sits on a knife's edge between
 continuations (or that the server batches requests in ways that change the numbers). Every

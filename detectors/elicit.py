@@ -1,6 +1,6 @@
 """``elicit``: can an optimised prompt make the model say the token?
 
-Seed 000's prompt generation turned into a verifier: for each token in scope, a prompt of
+Rumbelow & Watkins' prompt generation turned into a verifier: for each token in scope, a prompt of
 ``positions`` real tokens is optimised by gradient descent in the embedding space to make the
 model produce that token (``harness.elicitation``; the token itself may not appear in the
 prompt unless ``allow_target``). A token whose best prompt, over ``restarts`` seeds, stays
@@ -44,7 +44,7 @@ class Elicit(Detector):
     name = "elicit"
     version = "1"
     description = ("optimises a prompt by gradient descent to make the model say each token "
-                   "(seed 000's prompt generation); glitch when even that fails")
+                   "(Rumbelow & Watkins' prompt generation); glitch when even that fails")
     requires = frozenset({Capability.GRADIENTS, Capability.SCORE})
     suspicious_when = "low"
     behavioural = True

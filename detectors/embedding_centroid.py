@@ -1,8 +1,9 @@
 """``embedding-centroid``: distance of each input-embedding row to the centroid of all rows.
 
-Seed 000 found GPT-J's glitch tokens (` SolidGoldMagikarp`, ` attRot`, unused bytes) to be the
-tokens closest to the centroid of the whole embedding cloud; seed 003 adds that their
-embeddings decayed toward zero, so the row norm is stored as evidence too.
+Rumbelow & Watkins found GPT-J's glitch tokens (` SolidGoldMagikarp`, ` attRot`, unused bytes)
+to be the tokens closest to the centroid of the whole embedding cloud; later write-ups (the one
+on ` davidjl`) add that their embeddings decayed toward zero, so the row norm is stored as
+evidence too.
 """
 
 from __future__ import annotations

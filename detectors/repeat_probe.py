@@ -4,7 +4,7 @@ White-box backends (``score``): the probability the model gives the token where 
 should start and over the next few greedy positions, maximised over the probe set's prompts
 (Land & Bartolo's verification measure). Black-box backends (``generate`` only): the greedy
 completion, compared with the token's text after normalising quotes, case and hyphenation
-(seed 000's pattern matching).
+(Rumbelow & Watkins' pattern matching).
 
 Work is cut where it does not change a verdict: prompts run cheapest first (fewest tokens per
 probe after the shared prefix), and a token leaves the queue as soon as one prompt shows the
@@ -35,7 +35,7 @@ _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")
 
 
 def normalise(text: str) -> str:
-    """Seed 000's matching: drop quotes, whitespace and hyphens; ignore case."""
+    """Rumbelow & Watkins' matching: drop quotes, whitespace and hyphens; ignore case."""
     return _QUOTES.sub("", text).casefold()
 
 

@@ -1,9 +1,9 @@
 """``repeated-sequence``: can the model copy the token out of a repeated random sequence?
 
-Seed 001's experiment: a sequence of random vocabulary tokens followed by the same sequence
-again. Induction lets a model predict the second copy almost perfectly (mean log-probability
-about -1 against -7 for the first copy on GPT-2); a token the model cannot copy keeps a low
-log-probability in the second copy.
+The experiment of the article "Under-trained and unused tokens": a sequence of random
+vocabulary tokens followed by the same sequence again. Induction lets a model predict the
+second copy almost perfectly (mean log-probability about -1 against -7 for the first copy on
+GPT-2); a token the model cannot copy keeps a low log-probability in the second copy.
 
 Every token of the run's scope is placed in ``contexts`` different random sequences, fixed by
 ``seed``. Tokens are dealt into blocks that are self-contained (a block's sequences hold only

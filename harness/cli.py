@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -682,9 +683,10 @@ def cmd_clusters(
     backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
     backend_option: BackendOptions = None,
 ) -> None:
-    """k-means of MODEL's token embeddings (seed 000): clusters under several seeds and
-    their agreement (adjusted Rand index), each token's cluster stored, the cluster holding
-    the glitch tokens, and the tokens closest to the centroid of the whole matrix."""
+    """k-means of MODEL's token embeddings (after Rumbelow & Watkins, 2023): clusters
+    under several seeds and their agreement (adjusted Rand index), each token's cluster
+    stored, the cluster holding the glitch tokens, and the tokens closest to the centroid of
+    the whole matrix."""
     from harness.clusters import cluster_model, load_summary
 
     if top < 0 or show < 0:
@@ -809,7 +811,7 @@ def cmd_elicit(
     backend: Annotated[str | None, typer.Option(help="Backend to load the model with.")] = None,
     backend_option: BackendOptions = None,
 ) -> None:
-    """Optimise prompts that make MODEL say TARGET (seed 000's prompt generation): gradient
+    """Optimise prompts that make MODEL say TARGET (Rumbelow & Watkins' prompt generation): gradient
     descent in the embedding space, projected onto real tokens; every restart is stored."""
     from harness.elicitation import ElicitOptions, run_session
 
@@ -890,6 +892,10 @@ def build_app() -> typer.Typer:
             raise typer.Exit()
 
     get_plugin_manager().hook.register_commands(app=app)
+    for info in app.registered_commands:
+        if info.short_help is None:  # typer's list keeps the docstring's line breaks
+            doc = inspect.cleandoc(info.help or (info.callback and info.callback.__doc__) or "")
+            info.short_help = " ".join(doc.partition("\n\n")[0].split()) or None
     return app
 
 

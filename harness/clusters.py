@@ -1,7 +1,7 @@
 """``harness clusters``: k-means of a model's embedding matrices over several seeds, stored,
-and the summary that the command and the report show (seed 000's other half).
+and the summary that the command and the report show (Rumbelow & Watkins' other half).
 
-Seed 000 found GPT's glitch tokens while clustering the token embeddings with k-means: one
+Rumbelow & Watkins found GPT's glitch tokens while clustering the token embeddings with k-means: one
 strange cluster held the weird tokens, the clusters were robust to the random initialisation
 of the centroids, and the tokens nearest the centroid of the whole embedding cloud were the
 weird ones. ``cluster_model`` repeats that on any model a backend gives embeddings for: the
@@ -13,7 +13,7 @@ stored. ``load_summary`` reads one clustering back for display, joined with the 
 final verdicts (the ``verdict`` pseudo-detector's latest run) where a scan stored them.
 
 Rows past the tokenizer's size (padding rows, ``Vocab.padding``) are not tokens and are left
-out, as seed 000 left out GPT-J's 143 ``<|extratoken_xx|>`` rows.
+out, as Rumbelow & Watkins left out GPT-J's 143 ``<|extratoken_xx|>`` rows.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from harness.runner import Reporter, open_model, store_model
 from harness.verdicts import GLITCH, SUSPECT
 from harness.vocab import token_repr
 
-DEFAULT_K = 100  # seed 000 does not say which k it used; 100 clusters of ~500-2,600 tokens
+DEFAULT_K = 100  # Rumbelow & Watkins do not say which k; 100 clusters of ~500-2,600 tokens
 DEFAULT_SEEDS = 3
 DEFAULT_TOP = 20  # rows of the closest-to-centroid table
 MEMBERS = 5  # member tokens shown per cluster (the nearest its centroid)

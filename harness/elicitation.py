@@ -1,12 +1,12 @@
 """Prompt elicitation: gradient descent in the embedding space for a prompt that makes the
-model say a target (seed 000's "prompt generation"), projected onto real tokens.
+model say a target (Rumbelow & Watkins' "prompt generation"), projected onto real tokens.
 
 The prompt is ``positions`` free embeddings after the tokenizer's BOS (if any), and the
 target follows them directly: nothing else is in the context. Each row of a batch (one
 target and one seed) starts from the embeddings of random real tokens, drawn from its seed
 alone, so a row's result does not depend on the batch it runs in.
 
-One step, per row (PEZ, Wen et al. 2023, "Hard prompts made easy", with seed 000's
+One step, per row (PEZ, Wen et al. 2023, "Hard prompts made easy", with Rumbelow & Watkins'
 regulariser, and a gradient-guided token swap as in AutoPrompt / GCG):
 
 1. project the continuous prompt ``P`` onto the nearest allowed token of each position
@@ -432,7 +432,7 @@ def _rescore(backend: Backend, bos: list[int], results: list[Elicited],
 
 
 def token_frequencies(results: Sequence[Elicited], top: int = 20) -> list[tuple[int, int]]:
-    """Seed 000's aggregate: how often each token appears in the prompts found over the
+    """Rumbelow & Watkins' aggregate: how often each token appears in the prompts found over the
     restarts, most frequent first (ties by id)."""
     counts = Counter(t for r in results for t in r.prompt_ids)
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
@@ -444,7 +444,7 @@ def token_frequencies(results: Sequence[Elicited], top: int = 20) -> list[tuple[
 @dataclass
 class Session:
     """One ``harness elicit`` call: its restarts (stored as rows of ``elicitations`` under
-    ``session``), their prompts' text, and seed 000's token frequencies over the restarts
+    ``session``), their prompts' text, and Rumbelow & Watkins' token frequencies over the restarts
     (token id, text, count)."""
 
     session: str

@@ -1,5 +1,6 @@
 """k-means of an embedding matrix in numpy, the adjusted Rand index, and the distances to
-the centroid of the whole matrix: the arithmetic of ``harness clusters`` (seed 000).
+the centroid of the whole matrix: the arithmetic of ``harness clusters`` (after Rumbelow &
+Watkins, 2023).
 
 ``kmeans`` is Lloyd's algorithm (assign every row to its nearest centroid, move every
 centroid to the mean of its rows) started from k-means++, made fast the ways that do not

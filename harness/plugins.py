@@ -62,10 +62,20 @@ def unregister_plugin(plugin: object) -> None:
 
 def _plugin_sources(pm: pluggy.PluginManager) -> dict[int, str]:
     """Map id(plugin) to ``distribution==version`` (or the plugin name when not installed)."""
-    sources = {id(p): f"{d.project_name}=={d.version}" for p, d in pm.list_plugin_distinfo()}
+    sources = {}
+    for plugin, dist in pm.list_plugin_distinfo():
+        # Reading a distribution's name and version parses its metadata (several ms per
+        # plugin, on every registry()); an entry point's distribution does not change.
+        known = _DIST_SOURCES.get(id(plugin))
+        if known is None or known[0] is not plugin:
+            known = _DIST_SOURCES[id(plugin)] = (plugin, f"{dist.project_name}=={dist.version}")
+        sources[id(plugin)] = known[1]
     for name, plugin in pm.list_name_plugin():
         sources.setdefault(id(plugin), name)
     return sources
+
+
+_DIST_SOURCES: dict[int, tuple[object, str]] = {}
 
 
 def _collect(hook_name: str, make_register: Callable[[str], Callable[..., None]]) -> None:

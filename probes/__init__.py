@@ -6,7 +6,7 @@ from harness.hookspecs import hookimpl
 from harness.probe_sets import ProbeSet
 from probes.known_tokens import GPT2_GLITCH_141
 
-# Seed 000's twelve paraphrases of "Please repeat the string '<token>' back to me."
+# Rumbelow & Watkins' twelve paraphrases of "Please repeat the string '<token>' back to me."
 REPEAT_12 = ProbeSet(
     name="repeat-12",
     description="twelve paraphrases of \"Please repeat the string '<token>' back to me.\" "
@@ -28,11 +28,12 @@ REPEAT_12 = ProbeSet(
     known_tokens=GPT2_GLITCH_141,
 )
 
-# Seed 001's n-shot copy prompt: twenty "Input: X, Output: X" examples, then the question.
+# The "Under-trained and unused tokens" article's n-shot copy prompt: twenty "Input: X,
+# Output: X" examples, then the question.
 N_SHOT = ProbeSet(
     name="n-shot",
-    description="seed 001's n-shot copy prompt: 'Repeats its input exactly' and twenty "
-                "'Input: X, Output: X' examples",
+    description="the n-shot copy prompt of the article 'Under-trained and unused tokens': "
+                "'Repeats its input exactly' and twenty 'Input: X, Output: X' examples",
     templates=("Repeats its input exactly: "
                + ", ".join(["Input: {token}, Output: {token}"] * 20)
                + ", Input: {token}, Output: {repeat}",),

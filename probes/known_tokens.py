@@ -1,7 +1,7 @@
 """Known glitch tokens, as data.
 
 ``GPT2_GLITCH_141``: the 141 GPT-2/GPT-J glitch tokens of Rumbelow & Watkins,
-"SolidGoldMagikarp (plus, prompt generation)" (seed 000), as (token id, decoded text) in
+"SolidGoldMagikarp (plus, prompt generation)" (2023), as (token id, decoded text) in
 the order the post lists them. The ids are GPT-2 (r50k) ids; GPT-J shares them.
 """
 

@@ -85,6 +85,15 @@ def test_detector_from_a_plugin_is_accepted_and_unknown_is_one_line(cli, fake_pl
     assert "unknown detector 'nope'" in err and "needs-score" in err
 
 
+def test_help_lists_each_command_in_one_paragraph(cli, monkeypatch):
+    """typer's command list keeps a docstring's line breaks unless a short help is given."""
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = cli("--help")
+    assert code == 0
+    line = next(x for x in out.splitlines() if "Scan MODEL" in x)
+    assert "of every token, verification of what it does not settle" in line
+
+
 def test_models_command_lists_aliases(cli):
     import json
 

@@ -187,7 +187,8 @@ def test_smollm2_copies_ordinary_tokens_in_the_second_copy(smollm2):
     det.prepare(ctx)
     (found,) = det.run(ctx, ordinary)
     first, second = found.evidence["first"], found.evidence["second"]
-    # seed 001 saw about -7 for the first copy and -1 for the second on GPT-2 small
+    # the "Under-trained and unused tokens" article saw about -7 for the first copy and -1
+    # for the second on GPT-2 small
     assert np.median(first) < -6 and np.median(second) > -2.5, (np.median(first),
                                                                  np.median(second))
     assert np.mean(second > first + 3) > 0.9

@@ -66,6 +66,27 @@ def test_findings_are_stored_once_and_read_back(engine):
         assert store.most_suspicious_token_ids(conn, run_id, 2, flagged_only=True) == [2]
 
 
+def test_bulk_rows_go_in_the_callers_transaction(engine):
+    """Findings go in through the driver's own cursor on SQLite: they still commit or roll
+    back with the caller's transaction, also on a connection that has not begun one yet."""
+    with engine.begin() as conn:
+        run_id = _run(conn, _model(conn, "a"), "d", [])
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        store.insert_findings(conn, run_id, [(0, 0.5, "ok", "{}")])
+        raise RuntimeError
+    with engine.connect() as conn:
+        store.insert_findings(conn, run_id, [(1, 0.5, "ok", "{}")])
+        conn.rollback()
+    with engine.connect() as conn:
+        assert store.count_findings(conn, run_id) == 0
+        ids, scores, verdicts = store.run_findings(conn, run_id)
+        assert len(ids) == len(scores) == len(verdicts) == 0
+        store.insert_findings(conn, run_id, [(2, None, "suspect", "{}")])
+        conn.commit()
+    with engine.connect() as conn:
+        assert store.count_findings(conn, run_id) == 1
+
+
 def test_the_latest_runs_and_the_model_scanned_last(engine):
     with engine.begin() as conn:
         a, b = _model(conn, "a"), _model(conn, "b")

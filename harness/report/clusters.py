@@ -1,7 +1,7 @@
-"""The report's k-means section (``harness clusters``, seed 000): per stored clustering of a
-model, the seeds' agreement, the cluster sizes, the cluster holding the glitch tokens and the
-tokens closest to the centroid of the whole matrix. Read through ``harness.clusters``; drawn
-with the report's matplotlib helpers; every stored text escaped."""
+"""The report's k-means section (``harness clusters``, after Rumbelow & Watkins): per stored
+clustering of a model, the seeds' agreement, the cluster sizes, the cluster holding the glitch
+tokens and the tokens closest to the centroid of the whole matrix. Read through
+``harness.clusters``; drawn with the report's matplotlib helpers; every stored text escaped."""
 
 from __future__ import annotations
 
@@ -180,6 +180,7 @@ def clusters_html(summaries: list[ClusteringSummary], model_id: int) -> str:
               "seeds, of the cluster's best Jaccard index with one of their clusters.</p>"
             + _cluster_table(s, model_id)
             + f"<h4>Tokens closest to the centroid of the {_esc(m)} matrix</h4>"
-              "<p>Seed 000's table: the tokens whose embedding sits nearest the mean of all "
-              "token embeddings (Euclidean distance).</p>" + _closest_table(s, model_id))
+              "<p>Rumbelow &amp; Watkins' table: the tokens whose embedding sits nearest the "
+              "mean of all token embeddings (Euclidean distance).</p>"
+            + _closest_table(s, model_id))
     return "".join(parts)

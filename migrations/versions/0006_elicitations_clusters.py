@@ -1,4 +1,5 @@
-"""Prompt elicitations and k-means clusterings of the embedding space (seed 000's other half).
+"""Prompt elicitations and k-means clusterings of the embedding space (the other half of
+Rumbelow & Watkins' post).
 
 ``elicitations``: one row per restart of one elicitation (``harness elicit``, or the
 ``elicit`` detector when ``run_id`` is set); ``session`` groups the restarts of one call.
