@@ -28,18 +28,22 @@ class Finding:
 @dataclass
 class FindingArrays:
     """A batch of findings as arrays (one entry per token): the fast path for detectors that
-    compute whole-vocabulary arrays. ``evidence`` maps a name to one number per token."""
+    compute whole-vocabulary arrays. ``evidence`` maps a name to one number per token;
+    ``evidence_texts``, where given, is each token's evidence as a JSON object instead."""
 
     token_ids: np.ndarray
     scores: np.ndarray
     verdicts: np.ndarray
     evidence: dict[str, np.ndarray] = field(default_factory=dict)
+    evidence_texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def evidence_json(self) -> list[str]:
         """One JSON object per token, formatted by numpy rather than a json.dumps per row."""
+        if self.evidence_texts is not None:
+            return list(self.evidence_texts)
         if not self.evidence:
             return ["{}"] * len(self)
         parts = []

@@ -328,7 +328,7 @@ class FinalVerdict(Detector):
         # the runs' finishing times are in the key: a run retried since gives a new verdict
         return {"runs": self.runs, "rule": "v2", "finished": self.finished}
 
-    def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
+    def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[FindingArrays]:
         n_vocab = len(ctx.vocab)
         flagged = np.zeros(n_vocab, dtype=bool)
         behaviour_flag = np.zeros(n_vocab, dtype=bool)
@@ -355,8 +355,11 @@ class FinalVerdict(Detector):
         verdict[(verified == OK) & ~behaviour_flag] = OK
         verdict[(verified == ERROR) | ((verified == "") & screen_error)] = ERROR
         verdict[verified == GLITCH] = GLITCH
-        yield [Finding(t, float(score[t]), verdict[t], {"flagged_by": flagged_by.get(t, [])})
-               for t in token_ids.tolist()]
+        # one JSON text per distinct list, not a json.dumps per token of the vocabulary
+        unflagged = json.dumps({"flagged_by": []})
+        yield FindingArrays(token_ids, score[token_ids], verdict[token_ids], evidence_texts=[
+            json.dumps({"flagged_by": flagged_by[t]}) if t in flagged_by else unflagged
+            for t in token_ids.tolist()])
 
 
 def _verdicts_of(engine: Engine, model_id: int, size: int

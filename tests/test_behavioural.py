@@ -141,6 +141,15 @@ def test_final_verdict_follows_the_verifier(cli, tiny_model_dir, db_url):
     # a random 2-layer model repeats nothing: every probed token is a glitch
     assert set(probe) >= set(PLANTED)
     assert rows(db, "SELECT count(*) FROM glitch_tokens") == [(len(probe),)]
+    # each token's evidence names the detectors whose latest finding flagged it, or none
+    flagged: dict[int, list[str]] = {}
+    for t, det in rows(db, "SELECT token_id, detector FROM latest_findings WHERE verdict IN "
+                           "('glitch', 'suspect') AND detector != 'verdict'"):
+        flagged.setdefault(t, []).append(det)
+    by = dict(rows(db, "SELECT token_id, flagged_by FROM final_verdicts"))
+    assert len(by) == TINY_ROWS and flagged
+    assert {t: sorted(json.loads(x)) for t, x in by.items() if json.loads(x)} == \
+        {t: sorted(d) for t, d in flagged.items()}
 
 
 @pytest.mark.parametrize("detector, module", [
