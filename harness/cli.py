@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -43,7 +44,9 @@ from harness.summary import top_tokens, verdict_counts
 from harness.verdicts import ERROR, FINAL, FLAGGED, GLITCH, SKIPPED, SUSPECT, VERDICTS
 from harness.vocab import token_repr
 
-out = Console()
+# Rich draws 80 columns where stdout is not a terminal (a pipe, a log file, CI), which cuts
+# the token table's columns to a letter or two; such output gets room for every column.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
 err = Console(stderr=True)
 
 DbOption = Annotated[str | None, typer.Option(
