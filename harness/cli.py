@@ -44,10 +44,17 @@ from harness.summary import top_tokens, verdict_counts
 from harness.verdicts import ERROR, FINAL, FLAGGED, GLITCH, SKIPPED, SUSPECT, VERDICTS
 from harness.vocab import token_repr
 
-# Rich draws 80 columns where stdout is not a terminal (a pipe, a log file, CI), which cuts
-# the token table's columns to a letter or two; such output gets room for every column.
-out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
-err = Console(stderr=True)
+
+def _console(stream: Any, **kwargs: Any) -> Console:
+    """Rich's console on ``stream``, 150 columns wide where the stream is not a terminal (a
+    pipe, a log file, CI): rich's 80 would cut the token table's columns to a letter or two
+    and break progress notes mid-sentence. ``COLUMNS`` still decides where it is set."""
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(width=150 if wide else None, **kwargs)
+
+
+out = _console(sys.stdout)
+err = _console(sys.stderr, stderr=True)
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", help="Database file or SQLAlchemy URL (default: $HARNESS_DB, else the data dir).")]
