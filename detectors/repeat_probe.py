@@ -162,6 +162,7 @@ class RepeatProbe(Detector):
         probs: dict[int, dict[str, float]] = {t: {} for t in batch}
         scout_p: dict[int, dict[str, float]] = {t: {} for t in batch}
         greedy: dict[int, dict[str, list[int]]] = {t: {} for t in batch}
+        extra: dict[int, dict[str, Any]] = {t: {} for t in batch}
 
         def ask(plan: PromptPlan, todo: list[int]) -> list[ProbeResult]:
             checkpoint = plan.checkpoint if self.scout_below > 0 else None
@@ -176,20 +177,27 @@ class RepeatProbe(Detector):
             greedy[t][plan.label] = res.ids
             if res.max_prob < hopeless:
                 return None
-            return res.max_prob >= thr
+            return res.max_prob >= thr and self._settles(ctx, t, plan, res, extra[t])
 
         decided, errors = self._cascade(batch, ask, repeated)
         details = self._details(be, batch, greedy) if self.details else {}
         findings = []
         for t in batch:
-            evidence: dict[str, Any] = {"p": {k: _round(v) for k, v in probs[t].items()}}
+            ev: dict[str, Any] = {"p": {k: _round(v) for k, v in probs[t].items()}}
             if scout_p[t]:
-                evidence["scout"] = {k: _round(v) for k, v in scout_p[t].items()}
-            evidence.update(details.get(t, {}))
-            verdict = self._verdict(t, decided, errors, evidence)
+                ev["scout"] = {k: _round(v) for k, v in scout_p[t].items()}
+            ev.update(extra[t])
+            ev.update(details.get(t, {}))
+            verdict = self._verdict(t, decided, errors, ev)
             values = list(probs[t].values()) + list(scout_p[t].values())
-            findings.append(Finding(t, max(values, default=math.nan), verdict, evidence))
+            findings.append(Finding(t, max(values, default=math.nan), verdict, ev))
         return findings
+
+    def _settles(self, ctx: ScanContext, t: int, plan: PromptPlan, res: ProbeResult,
+                 evidence: dict[str, Any]) -> bool:
+        """Whether a prompt that put the token at or above the threshold shows the model
+        repeating it (a subclass may ask more, and say why not in ``evidence``)."""
+        return True
 
     def _details(self, be: Any, batch: list[int], greedy: dict[int, dict[str, list[int]]]
                  ) -> dict[int, dict[str, Any]]:

@@ -10,12 +10,28 @@ settled (``ok``); every other token is ``suspect`` and a scan sends it on to the
 ``hopeless_below`` is asked no more of them: it goes to the verifier either way (on a Gemma 3
 sample, at least 217 of the 497 tokens the first two left, most of them never-trained rows,
 skipped the last prompt).
+
+A probability is not enough where the model's likeliest next token is another word: SmolLM2,
+shown a list of copied words ending in `` solely``, gives the copy 0.11 but ``only`` more, and
+verification finds `` solely`` a glitch token (0.0014 at most). With ``greedy_spells`` the
+first prompt settles a token only where the model's greedy token is the token or begins
+spelling it (a shorter token its text starts with, up to case, quotes, whitespace and hyphens);
+otherwise the evidence's ``said`` keeps what the model said instead and the next prompt is
+asked. Only the first: in a list of copied words the copy is the one sensible continuation,
+while after six repeats the line may end and a copying device may complete a word fragment
+(on SmolLM2 the rule on every prompt left 919 more ordinary tokens to verification, on the
+first alone about 170).
 """
 
 from __future__ import annotations
 
-from detectors.repeat_probe import RepeatProbe
+from typing import Any
+
+from detectors.repeat_probe import RepeatProbe, normalise
+from harness.backend import ProbeResult
+from harness.detector import ScanContext
 from harness.hookspecs import hookimpl
+from harness.probe_sets import PromptPlan
 from harness.verdicts import SUSPECT
 
 
@@ -24,11 +40,12 @@ class RepeatScreen(RepeatProbe):
 
     score: the token's probability at the repeat position, maximised over the screen's
     prompts (asked in the given order, a token leaving once one of them settles it). Verdict
-    ``ok`` at or above ``threshold``, else ``suspect`` (to be verified).
+    ``ok`` at or above ``threshold`` (in the first prompt only where the model's greedy token
+    begins spelling the token: ``greedy_spells``), else ``suspect`` (to be verified).
     """
 
     name = "repeat-screen"
-    version = "2"
+    version = "3"
     description = "first stage: settles the tokens the model plainly repeats in short prompts"
     verifies = False
     screens = True
@@ -36,9 +53,32 @@ class RepeatScreen(RepeatProbe):
     # that the long ones do not (seen on Gemma 3: 0.018 after six repeats, 0.009 after 101)
     default = True  # in every scan that names no detectors
     defaults = {**RepeatProbe.defaults, "probes": "screen", "threshold": 0.02, "steps": 1,
-                "order": "given", "batch": 2048, "scout_below": 0.0, "hopeless_below": 1e-5}
+                "order": "given", "batch": 2048, "scout_below": 0.0, "hopeless_below": 1e-5,
+                "greedy_spells": True}
     unrepeated = SUSPECT
     details = False
+
+    def _settles(self, ctx: ScanContext, t: int, plan: PromptPlan, res: ProbeResult,
+                 evidence: dict[str, Any]) -> bool:
+        if (not self.options["greedy_spells"] or plan is not self.plans[0] or not res.ids
+                or res.ids[0] == t):
+            return True
+        raw = ctx.vocab.raw
+        if begins_spelling(raw[t], raw[res.ids[0]]):
+            return True
+        evidence.setdefault("said", {})[plan.label] = ctx.vocab.text[res.ids[0]]
+        return False
+
+
+def begins_spelling(token: bytes, said: bytes) -> bool:
+    """Whether ``said`` (the model's next token) is how the copy of ``token`` may start: its
+    bytes open the token's, or its text does up to case, quotes, whitespace and hyphens."""
+    if not said:
+        return False
+    if token.startswith(said):
+        return True
+    head = normalise(said.decode("utf-8", "replace"))
+    return bool(head) and normalise(token.decode("utf-8", "replace")).startswith(head)
 
 
 @hookimpl

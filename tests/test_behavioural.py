@@ -87,6 +87,19 @@ def test_repeat_probe_text_mode_normalises_like_seed_000():
     assert not repeats(" davidjl", "I can't hear you.")
 
 
+def test_the_screen_settles_only_where_the_model_begins_spelling_the_token():
+    from detectors.repeat_screen import begins_spelling
+
+    assert begins_spelling(b" solely", b" sol")  # the copy, in pieces
+    assert begins_spelling(b" solely", b" ")  # a space first, then the word
+    assert begins_spelling(b" Solely", b"sole")  # up to case and the leading space
+    assert begins_spelling(b"--solely", b"sol")
+    assert not begins_spelling(b" solely", b"only")  # another word: SmolLM2's answer
+    assert not begins_spelling(b"ividual", b" individual")  # the fragment completed
+    assert not begins_spelling(b'."', b"_")  # punctuation, answered with other punctuation
+    assert not begins_spelling(b"abc", b"")
+
+
 def test_repeat_probe_text_mode_on_a_white_box_model(cli, tiny_model_dir, db_url):
     code, out, err = cli("scan", str(tiny_model_dir), "-d", "repeat-probe", "--tokens",
                          "5,20,290", "-o", "repeat-probe.mode=text", "-o",

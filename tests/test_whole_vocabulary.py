@@ -19,6 +19,7 @@ pytestmark = pytest.mark.real_model
 
 # SmolLM2 tokens whose exact verify-3 verdict is known (the reference of benchmarks/fidelity.py)
 GLITCH = [0, 5, 190, 3420, 36743, 43858]  # <|endoftext|>, <file_sep>, \x00, ..., MetaInfoClass
+SOLELY = 9127  # a glitch token (0.0014 at most in verify-3) the word-pair list gives 0.11
 ORDINARY = list(range(1000, 1040))  # common merges
 NEAR = {3420: "glitch", 3944: "glitch", 2065: "ok", 752: "ok",  # max p 0.0029 .. 0.0173
         32608: "glitch"}  # 0.00927 in float32; 0.01001 in bf16 on an H200
@@ -53,6 +54,18 @@ def test_screen_settles_ordinary_tokens_and_passes_glitch_tokens_on(smollm2):
     assert all(found[t].score >= 0.02 for t in settled)
     assert all(found[t].evidence["repeated_in"] in ("pair-list", "repeats-6", "input-output-2")
                for t in settled)
+
+
+def test_the_screen_passes_on_a_token_the_model_answers_with_another_word(smollm2):
+    """` solely` reads above the threshold in the word-pair list, but the model's likeliest
+    answer there is `only`: the screen does not settle it."""
+    from detectors.repeat_screen import RepeatScreen
+
+    found = run(RepeatScreen(), smollm2, [SOLELY])[SOLELY]
+    assert found.verdict == "suspect"
+    assert found.evidence["p"]["pair-list"] >= 0.02
+    assert found.evidence["said"]["pair-list"] == "only"
+    assert run(RepeatScreen(greedy_spells=False), smollm2, [SOLELY])[SOLELY].verdict == "ok"
 
 
 @pytest.mark.parametrize("probes", ["screen", "verify-3"])
