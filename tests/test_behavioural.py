@@ -77,7 +77,7 @@ def test_score_reads_only_the_requested_positions_correctly(tiny):
     np.testing.assert_allclose(res.logprobs, want, rtol=1e-5)
 
 
-def test_repeat_probe_text_mode_normalises_like_seed_000():
+def test_repeat_probe_text_mode_normalises_like_rumbelow_and_watkins():
     from detectors.repeat_probe import repeats
 
     assert repeats(" SolidGoldMagikarp", '"SolidGoldMagikarp" back to you')
