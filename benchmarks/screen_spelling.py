@@ -20,9 +20,17 @@ import json
 import platform
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sqlalchemy import text
+
+from harness.db import open_db
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import latest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / ".venv" / "bin" / "harness"
@@ -30,13 +38,13 @@ SETTINGS = {"rule": [], "no_rule": ["-o", "repeat-screen.greedy_spells=false"]}
 
 
 def reference_glitch(db: Path) -> set[int]:
-    """Tokens the exact cascade calls glitch (latest run of each token)."""
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT f.token_id, f.verdict FROM findings f JOIN runs r ON r.id = f.run_id "
-            "WHERE r.detector = 'repeat-probe' ORDER BY r.id").fetchall()
-    latest = dict(rows)
-    return {t for t, v in latest.items() if v == "glitch"}
+    """Tokens the exact cascade calls glitch (each token's latest finding, as
+    `benchmarks/fidelity.py --stored` reads the reference)."""
+    engine = open_db(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        model_id = conn.execute(text("SELECT id FROM models")).scalar_one()
+    found = latest(engine, model_id, "repeat-probe", unfinished=True)
+    return {t for t, (verdict, _) in found.items() if verdict == "glitch"}
 
 
 def one_scan(model: str, extra: list[str], work: Path, glitch: set[int] | None) -> dict:

@@ -183,14 +183,14 @@ class RepeatProbe(Detector):
         details = self._details(be, batch, greedy) if self.details else {}
         findings = []
         for t in batch:
-            ev: dict[str, Any] = {"p": {k: _round(v) for k, v in probs[t].items()}}
+            evidence: dict[str, Any] = {"p": {k: _round(v) for k, v in probs[t].items()}}
             if scout_p[t]:
-                ev["scout"] = {k: _round(v) for k, v in scout_p[t].items()}
-            ev.update(extra[t])
-            ev.update(details.get(t, {}))
-            verdict = self._verdict(t, decided, errors, ev)
+                evidence["scout"] = {k: _round(v) for k, v in scout_p[t].items()}
+            evidence.update(extra[t])
+            evidence.update(details.get(t, {}))
+            verdict = self._verdict(t, decided, errors, evidence)
             values = list(probs[t].values()) + list(scout_p[t].values())
-            findings.append(Finding(t, max(values, default=math.nan), verdict, ev))
+            findings.append(Finding(t, max(values, default=math.nan), verdict, evidence))
         return findings
 
     def _settles(self, ctx: ScanContext, t: int, plan: PromptPlan, res: ProbeResult,
