@@ -12,12 +12,6 @@ model repeating it. A glitch token never leaves early, so the long prompts have 
 openings (16 of the 101 repeats, 2 of the 20 trials), read on the way through the prompt; a
 token its scout leaves below ``scout_below`` (far under the threshold) stops there, and every
 other token goes on from what the scout computed, at no extra cost.
-
-In a scan the screen (``repeat-screen``) has already read some of these prompts' openings
-(six of the 101 repeats, two of the twenty trials): of the prompts whose openings it read, a
-token runs the one whose opening read highest first (``screen``). Which prompts run changes,
-not the verdict: a token is ``ok`` when any prompt shows it repeated, and every prompt is
-asked of a token none does.
 """
 
 from __future__ import annotations
@@ -31,10 +25,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.backend import Capability, GenerateRequest, ProbeRequest, ProbeResult
-from harness.detector import Detector, Finding, RunEvidence, ScanContext
+from harness.detector import Detector, Finding, ScanContext
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.probe_sets import REPEAT_MARK, PromptPlan, find_probe_set, plan_probe_set
+from harness.probe_sets import PromptPlan, find_probe_set, plan_probe_set
 from harness.verdicts import ERROR, GLITCH, OK
 
 _QUOTES = re.compile(r"[\"'`«»“”‘’„‹›\s\-_.]")
@@ -71,8 +65,7 @@ class RepeatProbe(Detector):
     verifies = True
     default = True  # in every scan that names no detectors
     defaults = {"probes": "verify-3", "threshold": 0.01, "steps": 3, "mode": "auto",
-                "order": "cost", "max_new_tokens": 12, "batch": 256, "scout_below": 1e-5,
-                "screen": "repeat-screen"}
+                "order": "cost", "max_new_tokens": 12, "batch": 256, "scout_below": 1e-5}
     # the verdict of a token no prompt showed the model repeating
     unrepeated: ClassVar[str] = GLITCH
     # store each prompt's greedy completion and whether the first prompt re-encodes
@@ -114,7 +107,6 @@ class RepeatProbe(Detector):
             opts["scout_below"] = 0.0  # scouts read probabilities; text mode has none
         self.mode = opts["mode"]
         self.scout_below = float(opts["scout_below"])
-        self._openings: dict[str, dict[str, str]] = {}
         return opts
 
     def run(self, ctx: ScanContext, token_ids: np.ndarray) -> Iterator[list[Finding]]:
@@ -127,83 +119,30 @@ class RepeatProbe(Detector):
                 yield self._text_batch(ctx, batch)
 
     def _cascade(self, batch: list[int], ask: Callable[[PromptPlan, list[int]], list],
-                 repeated: Callable[[int, PromptPlan, Any], bool | None],
-                 orders: dict[int, list[PromptPlan]] | None = None
+                 repeated: Callable[[int, PromptPlan, Any], bool | None]
                  ) -> tuple[dict[int, str], dict[int, str]]:
-        """Run the prompts in order (``self.plans``, or a token's own in ``orders``) on the
-        tokens not yet decided; ``ask`` answers a prompt for some tokens (results with
-        ``error``), ``repeated`` records an answer and says whether it shows the model
-        repeating the token (True), or not (False), or not and no later prompt is to be
-        asked (None). Returns the deciding prompt per decided token and the last error per
-        token that had one."""
-        orders = orders or {}
+        """Run the prompts in order on the tokens not yet decided; ``ask`` answers a prompt
+        for some tokens (results with ``error``), ``repeated`` records an answer and says
+        whether it shows the model repeating the token (True), or not (False), or not and
+        no later prompt is to be asked (None). Returns the deciding prompt per decided
+        token and the last error per token that had one."""
         decided: dict[int, str] = {}
         errors: dict[int, str] = {}
         todo = list(batch)
-        for k in range(len(self.plans)):
+        for plan in self.plans:
             if not todo:
                 break
-            groups: dict[str, tuple[PromptPlan, list[int]]] = {}
-            for t in todo:
-                plan = orders.get(t, self.plans)[k]
-                groups.setdefault(plan.label, (plan, []))[1].append(t)
             still = []
-            for plan, group in groups.values():
-                for t, res in zip(group, ask(plan, group), strict=True):
-                    if res.error:
-                        errors[t] = res.error
-                        still.append(t)
-                    elif (shown := repeated(t, plan, res)):
-                        decided[t] = plan.label
-                    elif shown is False:
-                        still.append(t)
+            for t, res in zip(todo, ask(plan, todo), strict=True):
+                if res.error:
+                    errors[t] = res.error
+                    still.append(t)
+                elif (shown := repeated(t, plan, res)):
+                    decided[t] = plan.label
+                elif shown is False:
+                    still.append(t)
             todo = still
         return decided, errors
-
-    def _screen_orders(self, ctx: ScanContext, batch: list[int]) -> dict[int, list[PromptPlan]]:
-        """Per token whose order changes: the prompts whose openings the screen read, put
-        in the slots they hold in ``self.plans``, highest reading first (ties keep their
-        order)."""
-        name = self.options["screen"]
-        if not name or ctx.evidence_of is None:
-            return {}
-        screened = ctx.evidence_of(name, batch)
-        if screened is None:
-            return {}
-        openings = self._opening_labels(screened)
-        slots = [i for i, p in enumerate(self.plans) if p.label in openings]
-        if len(slots) < 2:
-            return {}
-        orders = {}
-        for t in batch:
-            read = screened.evidence.get(t, {}).get("p", {})
-            ranked = sorted(slots, key=lambda i: -read.get(openings[self.plans[i].label], -1.0))
-            if ranked != slots:
-                order = list(self.plans)
-                for slot, i in zip(slots, ranked, strict=True):
-                    order[slot] = self.plans[i]
-                orders[t] = order
-        return orders
-
-    def _opening_labels(self, screened: RunEvidence) -> dict[str, str]:
-        """Per prompt of ours, the label of the screen prompt that is its opening (its
-        template, up to where the repeat starts, opens ours)."""
-        probes = str(screened.options.get("probes", ""))
-        if probes not in self._openings:
-            found: dict[str, str] = {}
-            try:
-                theirs = find_probe_set(probes)
-            except HarnessError:
-                theirs = None
-            if theirs is not None:
-                for plan in self.plans:
-                    i = self.probe_set.labels.index(plan.label)
-                    ours = self.probe_set.templates[i].removesuffix(REPEAT_MARK)
-                    for label, template in zip(theirs.labels, theirs.templates, strict=True):
-                        if ours.startswith(template.removesuffix(REPEAT_MARK)):
-                            found[plan.label] = label
-            self._openings[probes] = found
-        return self._openings[probes]
 
     def _verdict(self, t: int, decided: dict[int, str], errors: dict[int, str],
                  evidence: dict) -> str:
@@ -240,7 +179,7 @@ class RepeatProbe(Detector):
                 return None
             return res.max_prob >= thr and self._settles(ctx, t, plan, res, extra[t])
 
-        decided, errors = self._cascade(batch, ask, repeated, self._screen_orders(ctx, batch))
+        decided, errors = self._cascade(batch, ask, repeated)
         details = self._details(be, batch, greedy) if self.details else {}
         findings = []
         for t in batch:

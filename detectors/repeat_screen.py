@@ -54,7 +54,7 @@ class RepeatScreen(RepeatProbe):
     default = True  # in every scan that names no detectors
     defaults = {**RepeatProbe.defaults, "probes": "screen", "threshold": 0.02, "steps": 1,
                 "order": "given", "batch": 2048, "scout_below": 0.0, "hopeless_below": 1e-5,
-                "greedy_spells": True, "screen": ""}
+                "greedy_spells": True}
     unrepeated = SUSPECT
     details = False
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -64,15 +64,6 @@ class FindingArrays:
                         self.evidence_json(), strict=True))
 
 
-@dataclass(frozen=True)
-class RunEvidence:
-    """Another detector's latest finished run as a later one reads it: the run's options and
-    the evidence of its finding per token id (the tokens asked for that it has)."""
-
-    options: dict[str, Any]
-    evidence: dict[int, dict[str, Any]]
-
-
 @dataclass
 class ScanContext:
     """What a detector gets to work with."""
@@ -85,9 +76,6 @@ class ScanContext:
     # the verdict per token id ("" where none) of the latest finished run of the named
     # detector on this model, None when it has none (given by a scan; None outside one)
     verdicts_of: Callable[[str], np.ndarray | None] | None = None
-    # the latest finished run of the named detector on this model: its options and, for the
-    # given token ids, each one's evidence (None when it has no finished run; given by a scan)
-    evidence_of: Callable[[str, Sequence[int]], RunEvidence | None] | None = None
 
     def scope_ids(self) -> np.ndarray:
         return np.arange(len(self.vocab)) if self.scope is None else self.scope

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from harness import __version__, store, token_structure
 from harness.backend import Backend, Capability
-from harness.detector import Detector, Finding, FindingArrays, RunEvidence, ScanContext
+from harness.detector import Detector, Finding, FindingArrays, ScanContext
 from harness.errors import HarnessError
 from harness.options import resolve_backend_options
 from harness.plugins import Registry, registry
@@ -373,21 +373,6 @@ def _verdicts_of(engine: Engine, model_id: int, size: int
     return read
 
 
-def _evidence_of(engine: Engine, model_id: int
-                 ) -> Callable[[str, Sequence[int]], RunEvidence | None]:
-    """``ScanContext.evidence_of`` for a model: a detector's latest finished run's options
-    and its findings' evidence for some tokens, None when it has no finished run."""
-    def read(name: str, token_ids: Sequence[int]) -> RunEvidence | None:
-        with engine.connect() as conn:
-            runs = [r for r in store.latest_done_runs(conn, model_id) if r.detector == name]
-            if not runs:
-                return None
-            texts = store.latest_evidence(conn, [runs[-1].id], token_ids)
-        return RunEvidence(json.loads(runs[-1].options_json or "{}"),
-                           {t: json.loads(e) for t, e in texts.items() if e})
-    return read
-
-
 def tokens_with_final_verdict(engine: Engine, model_id: int, model: str,
                               verdicts: Sequence[str]) -> np.ndarray:
     """The tokens whose final verdict in the model's latest verdict run is one of
@@ -502,8 +487,7 @@ def scan(model: str, engine: Engine, detectors: Sequence[str] | None = None,
 
         def run(det: Detector, scope: np.ndarray | None, hint: str | None = None) -> None:
             ctx = ScanContext(backend=be, vocab=vocab, categories=cats, scope=scope,
-                              verdicts_of=_verdicts_of(engine, model_id, len(vocab)),
-                              evidence_of=_evidence_of(engine, model_id))
+                              verdicts_of=_verdicts_of(engine, model_id, len(vocab)))
             outcome = run_detector(engine, model_id, det, ctx, reporter, fresh, hint)
             result.outcomes.append(outcome)
             if outcome.status in FINISHED:

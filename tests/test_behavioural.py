@@ -100,42 +100,6 @@ def test_the_screen_settles_only_where_the_model_begins_spelling_the_token():
     assert not begins_spelling(b"abc", b"")
 
 
-def test_the_verifier_runs_first_the_long_prompt_whose_opening_the_screen_read_higher(tiny):
-    """The screen's readings of the long prompts' openings (six repeats, two trials) order
-    them per token; the assistant prompt, which the screen has no opening of, stays first."""
-    from detectors.repeat_probe import RepeatProbe
-    from harness.detector import RunEvidence
-
-    trials_first, repeats_first, unread = 11, 12, 13
-    readings = {trials_first: {"p": {"pair-list": 0.0, "repeats-6": 1e-4,
-                                     "input-output-2": 0.3}},
-                repeats_first: {"p": {"pair-list": 0.0, "repeats-6": 0.3,
-                                      "input-output-2": 1e-4}}}
-    asked = []
-
-    def evidence_of(name, ids):
-        asked.append(name)
-        return RunEvidence({"probes": "screen"}, {t: readings[t] for t in ids if t in readings})
-
-    def verify(**options):
-        det = RepeatProbe(scout_below=0, **options)
-        ctx = ScanContext(backend=tiny, vocab=tiny.vocab(), categories=np.array([]),
-                          evidence_of=evidence_of)
-        det.prepare(ctx)
-        ids = np.array([trials_first, repeats_first, unread])
-        return {f.token_id: f for batch in det.run(ctx, ids) for f in batch}
-
-    never = verify(threshold=2.0)  # no token is ever repeated: every prompt is asked
-    assert asked == ["repeat-screen"]
-    assert list(never[trials_first].evidence["p"]) == ["assistant-explain", "input-output",
-                                                       "repeats"]
-    for t in (repeats_first, unread):
-        assert list(never[t].evidence["p"]) == ["assistant-explain", "repeats", "input-output"]
-    screened, fixed = verify(), verify(screen="")
-    assert {t: f.verdict for t, f in screened.items()} == {t: f.verdict
-                                                           for t, f in fixed.items()}
-    assert asked == ["repeat-screen"] * 2
-
 def test_repeat_probe_text_mode_on_a_white_box_model(cli, tiny_model_dir, db_url):
     code, out, err = cli("scan", str(tiny_model_dir), "-d", "repeat-probe", "--tokens",
                          "5,20,290", "-o", "repeat-probe.mode=text", "-o",
