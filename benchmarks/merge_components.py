@@ -26,11 +26,6 @@ from harness.refs import resolve
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def strings(reader: gguf.GGUFReader, key: str) -> list[str]:
-    field = reader.fields[key]
-    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2")
@@ -39,9 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     target = resolve(args.model, registry()).target
     reader = gguf.GGUFReader(target)
-    tokens = strings(reader, "tokenizer.ggml.tokens")
+    tokens = reader.fields[gguf.Keys.Tokenizer.LIST].contents()
     uses: Counter[str] = Counter()
-    for merge in strings(reader, "tokenizer.ggml.merges"):
+    for merge in reader.fields[gguf.Keys.Tokenizer.MERGES].contents():
         left, right = merge.split(" ", 1)
         uses[left] += 1
         uses[right] += 1

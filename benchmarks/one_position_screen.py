@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.repeat_screen import begins_spelling
+from detectors.repeat_screen import RepeatScreen, begins_spelling
 from harness.backend import ProbeRequest
 from harness.plugins import registry
 from harness.probe_sets import plan_prompt
 from harness.refs import resolve
 from harness.runner import load_backend
+from probes import _PAIRS as WORDS  # the word-pair list's own words
 from probes import SCREEN
 
 ROOT = Path(__file__).resolve().parents[1]
-THRESHOLD = 0.02  # repeat-screen's
-WORDS = ("cat", " the", "ing", "))", "Class", "42", " dec", "ér", "_id", " Paris")
+THRESHOLD = RepeatScreen.defaults["threshold"]
 PROMPTS = {
     "pair-list": SCREEN.templates[0],
     "doubled-quoted": "Each item is a word written twice, the copy right after it: "
@@ -73,8 +73,9 @@ def main() -> None:
     raw = be.vocab().raw
     glitch = [int(x) for x in args.truth.read_text().split()]
     rng = np.random.default_rng(args.seed)
+    known = set(glitch)
     sample = [int(t) for t in rng.choice(len(raw), args.sample, replace=False)
-              if int(t) not in set(glitch)]
+              if int(t) not in known]
     report: dict = {"model": args.model, "machine": platform.machine(),
                     "threshold": THRESHOLD, "prompts": {}}
     for name, template in PROMPTS.items():
