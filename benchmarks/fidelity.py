@@ -247,7 +247,9 @@ def main() -> None:
         "reference": {"tokens": len(tokens), "glitch": len(ref_glitch),
                       "strong_glitch": len(strong), "whole_vocabulary": args.all,
                       "random_sample": len(random), "static_flagged": len(ref["flagged"]),
-                      "wall_s_this_call": ref["wall_s"]},
+                      "wall_s_this_call": ref["wall_s"],
+                      # the ids themselves: the reference database is a scratch file
+                      "glitch_ids": {t: exact[t][1] for t in ref_glitch}},
         "default_scan": {"wall_s_this_call": round(scan_wall, 1), "vocab": result.vocab_size,
                          "verified": len(verified),
                          "glitch": sum(v == "glitch" for t, (v, _) in final.items()
