@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from harness.probe_sets import plan_prompt
 from harness.refs import resolve
 from harness.runner import load_backend
 from probes import SCREEN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learned_screen import forward  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +46,7 @@ def main() -> None:
     tails = torch.tensor([list(plan.tail_for(t)) for t in ids], device=be.device)
 
     def run(model):
-        _, shared = be._after_prefix(tuple(plan.prefix), tails.shape[0], tails.shape[1])
-        with shared.active():
-            return model(input_ids=tails, use_cache=False, position_ids=shared.positions(
-                tails.shape[0], tails.shape[1], tails.device)).last_hidden_state
+        return forward(be, tuple(plan.prefix), tails, False, model).last_hidden_state
 
     def timed(model) -> tuple[dict, torch.Tensor]:
         t0 = time.perf_counter()

@@ -47,11 +47,12 @@ THRESHOLD = RepeatScreen.defaults["threshold"]
 CHUNK = 1024
 
 
-def forward(be, prefix: tuple[int, ...], tails: torch.Tensor, hidden: bool):
-    """The model over ``tails`` (rows of new tokens) after the shared ``prefix``."""
+def forward(be, prefix: tuple[int, ...], tails: torch.Tensor, hidden: bool, model=None):
+    """The model's body (``model``, else the backend's own) over ``tails`` (rows of new
+    tokens) after the shared ``prefix``."""
     _, shared = be._after_prefix(prefix, tails.shape[0], tails.shape[1])
     with shared.active():
-        return be.model.base_model(
+        return (be.model.base_model if model is None else model)(
             input_ids=tails, use_cache=False, output_hidden_states=hidden,
             position_ids=shared.positions(tails.shape[0], tails.shape[1], tails.device))
 
