@@ -30,7 +30,8 @@ def test_nearest_neighbours_match_brute_force():
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(300, 12)).astype(np.float32)
     emb[[5, 6, 7]] = emb[5]  # collapsed rows: each other's nearest, cosine 1
-    near = nearest_neighbours(emb, [5, 100, 299], k=4)
+    emb[40:52] = emb[40]  # more collapsed rows than neighbours: the lowest ids are named
+    near = nearest_neighbours(emb, [5, 100, 299, 45], k=4)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     for t, got in near.items():
         sims = unit @ unit[t]
@@ -39,6 +40,7 @@ def test_nearest_neighbours_match_brute_force():
         assert sorted(n for n, _ in got) == sorted(want.tolist())
         assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
     assert {n for n, _ in near[5][:2]} == {6, 7} and near[5][0][1] == pytest.approx(1.0)
+    assert [n for n, _ in near[45]] == [40, 41, 42, 43]
 
 
 def test_facts_say_when_a_token_is_reached_only_inside_longer_ones():

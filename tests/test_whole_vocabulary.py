@@ -205,3 +205,49 @@ def test_a_fresh_gguf_conversion_prints_nothing_of_its_own(tmp_path, monkeypatch
     assert (tmp_path / "cache" / "hf-from-gguf").is_dir()
     for noise in ("Converting", "de-quantizing", "Warning", "warn", "it/s"):
         assert noise not in err and noise not in out, err
+
+
+def test_a_gguf_conversion_stores_tied_embeddings_under_the_input_name(tmp_path, monkeypatch):
+    """transformers loads a tied pair from the input embedding's name: a cache that keeps only
+    the head's name has it fill the embedding with random numbers at every load first (seen
+    here as a load that moves torch's random generator). A conversion cached that way by an
+    earlier version is rewritten once, on load."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from backends.hf import HFBackend
+    from models.aliases import smollm2_gguf
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+    def stored(file):
+        with safe_open(str(file), "pt") as f:
+            return set(f.keys())
+
+    def draws_random_numbers(folder):
+        torch.manual_seed(0)
+        want = torch.rand(4)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_pretrained(str(folder))
+        return not torch.equal(torch.rand(4), want)
+
+    first = HFBackend(smollm2_gguf())
+    file = next((tmp_path / "cache" / "hf-from-gguf").glob("*/model.safetensors"))
+    assert "model.embed_tokens.weight" in stored(file)
+    assert "lm_head.weight" not in stored(file)
+    assert not draws_random_numbers(file.parent)
+    emb = first.input_embeddings()
+
+    old = load_file(str(file))
+    old["lm_head.weight"] = old.pop("model.embed_tokens.weight")
+    save_file(old, str(file), metadata={"format": "pt"})
+    assert draws_random_numbers(file.parent)
+
+    again = HFBackend(smollm2_gguf())
+    assert again.embeddings_tied()
+    np.testing.assert_array_equal(again.input_embeddings(), emb)
+    assert stored(file) == set(old) - {"lm_head.weight"} | {"model.embed_tokens.weight"}
+    assert not draws_random_numbers(file.parent)
+    assert not list(file.parent.glob(".tmp-*"))
