@@ -6,9 +6,11 @@ cache dir, keyed by the file's sha256, so the next load takes about a second.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections import OrderedDict, defaultdict
@@ -789,12 +791,18 @@ def _weight_name(model: Any, module: Any) -> str | None:
 
 
 def _save_weights(weights: dict[str, Any], file: Path) -> None:
-    """Write safetensors atomically (a temporary file renamed over ``file``)."""
+    """Write safetensors atomically: a temporary file of this call's own (processes sharing
+    a scan may load the same cache at once), renamed over ``file``."""
     from safetensors.torch import save_file
 
-    tmp = file.with_name(f".tmp-{file.name}")
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    tmp.replace(file)
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{file.name}-", dir=file.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+        tmp.replace(file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _store_tied_under_input_name(model: Any, file: Path) -> None:
@@ -813,7 +821,8 @@ def _store_tied_under_input_name(model: Any, file: Path) -> None:
         return
     weights = load_file(str(file))
     weights[wanted] = weights.pop(stored)
-    _save_weights(weights, file)
+    with contextlib.suppress(OSError):  # a read-only cache still loads, only slower
+        _save_weights(weights, file)
 
 
 def _folder_digest(path: Path) -> str:
