@@ -116,11 +116,12 @@ def test_show_and_report_give_the_structure_facts(cli, smollm2_db, tmp_path):
     s = info["structure"]
     assert [36744, "ManagementPlaneProtection"] in s["contained_in"]["examples"]
     assert s["reachable_alone"] is True
-    # its collapsed row sits on the other never-trained rows, all verified glitch tokens
+    # its collapsed row sits on the other never-trained rows (14 of them within 3e-6 of
+    # cosine 1, so which 8 are named is float32 rounding), none of them an ordinary token
     near = s["neighbours"]
-    assert len(near) == 8 and near[0]["cosine"] > 0.99
-    twins = {n["id"]: n["verdict"] for n in near if n["cosine"] > 0.99}
-    assert twins[36744] == "glitch" and set(twins.values()) <= {"glitch", "suspect"}
+    assert len(near) == 8 and near[-1]["cosine"] > 0.99
+    verdicts = {n["verdict"] for n in near}
+    assert "glitch" in verdicts and verdicts <= {"glitch", "suspect"}, near
     page = tmp_path / "r.html"
     code, out, err = cli("report", "smollm2", "-o", str(page), "--db", str(smollm2_db))
     assert code == 0, err
