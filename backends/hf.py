@@ -162,7 +162,27 @@ class HFBackend(Backend):
             check_gguf(path)  # a file whose hash has a finished conversion is known intact
             self._convert_gguf(path, cached)
         self._load_pretrained(str(cached), what=f"cached conversion of {path} at {cached}")
-        _store_tied_under_input_name(self.model, cached / "model.safetensors")
+        self._store_tied_under_input_name(cached / "model.safetensors")
+
+    def _store_tied_under_input_name(self, file: Path) -> None:
+        """Rewrite a conversion cached before tied embeddings were stored under the input
+        embedding's name (see ``_weights_to_save``), once, so later loads skip the random
+        fill."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not self.embeddings_tied():
+            return
+        wanted = _weight_name(self.model, self.model.get_input_embeddings())
+        stored = _weight_name(self.model, self.model.get_output_embeddings())
+        with safe_open(str(file), "pt") as f:
+            names = set(f.keys())
+        if wanted is None or wanted in names or stored not in names:
+            return
+        weights = load_file(str(file))
+        weights[wanted] = weights.pop(stored)
+        with contextlib.suppress(OSError):  # a read-only cache still loads, only slower
+            _save_weights(weights, file)
 
     def _convert_gguf(self, path: Path, cached: Path) -> None:
         """Dequantize with transformers and save as safetensors (atomic: temp dir, rename)."""
@@ -803,26 +823,6 @@ def _save_weights(weights: dict[str, Any], file: Path) -> None:
         tmp.replace(file)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _store_tied_under_input_name(model: Any, file: Path) -> None:
-    """Rewrite a conversion cached before tied embeddings were stored under the input
-    embedding's name (see ``_weights_to_save``), once, so later loads skip the random fill."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    head = model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        return
-    wanted, stored = _weight_name(model, model.get_input_embeddings()), _weight_name(model, head)
-    with safe_open(str(file), "pt") as f:
-        names = set(f.keys())
-    if wanted is None or wanted in names or stored not in names:
-        return
-    weights = load_file(str(file))
-    weights[wanted] = weights.pop(stored)
-    with contextlib.suppress(OSError):  # a read-only cache still loads, only slower
-        _save_weights(weights, file)
 
 
 def _folder_digest(path: Path) -> str:
