@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import BigInteger, and_, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -574,19 +574,41 @@ def claimed_blocks(conn: Connection, run_id: int) -> list[tuple[int, str]]:
             BLOCKS.c.run_id == run_id, BLOCKS.c.status == "claimed"))]
 
 
+# Blocks are claimed in a spread order, from the middle of the run, each next one about
+# 0.618 of the run away: a block's cost grows with its token ids (later ids hold more of the
+# tokens the screen leaves and the glitch tokens), so the first blocks' rate, which the scan's
+# estimate comes from, is the whole run's, and an interrupted run has a sample of every part.
+_SPREAD_MOD = 1 << 20
+_SPREAD_STEP = 648_057  # odd (a permutation of the residues), about _SPREAD_MOD / 1.618
+
+
+def claim_order(n_blocks: int) -> list[int]:
+    """The order in which the blocks of a run of ``n_blocks`` blocks are claimed."""
+    return sorted(range(n_blocks), key=lambda b: (_spread_key(b, n_blocks), b))
+
+
+def _spread_key(block: Any, n_blocks: int) -> Any:
+    """``block``'s place in ``claim_order``: a number or a SQL expression, by the same
+    integer arithmetic (64-bit, as PostgreSQL's ``integer`` would overflow)."""
+    return ((block + (_SPREAD_MOD - n_blocks // 2)) * _SPREAD_STEP) % _SPREAD_MOD
+
+
 def claim_block(conn: Connection, run_id: int, worker: str, lease_s: float,
                 also: Sequence[int] = ()) -> Block | None:
-    """Claim the run's first open block, or one whose lease has run out, or one of ``also``
-    (claims the caller knows to be dead), for ``worker`` until ``lease_s`` seconds from now;
-    None when every block is done or held. Rows another transaction is claiming are skipped,
-    not waited for (PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite: one writer at a time)."""
+    """Claim the run's next open block in ``claim_order``, or one whose lease has run out,
+    or one of ``also`` (claims the caller knows to be dead), for ``worker`` until ``lease_s``
+    seconds from now; None when every block is done or held. Rows another transaction is
+    claiming are skipped, not waited for (PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite:
+    one writer at a time)."""
     clock = database_clock(conn)
     takeable = (BLOCKS.c.status == "open") | (
         (BLOCKS.c.status == "claimed") & ((BLOCKS.c.lease_until < clock)
                                           | BLOCKS.c.block.in_([int(b) for b in also])))
+    n_blocks = conn.execute(select(func.count()).where(BLOCKS.c.run_id == run_id)).scalar_one()
+    order = _spread_key(cast(BLOCKS.c.block, BigInteger), int(n_blocks))
     row = conn.execute(
         select(BLOCKS.c.block, BLOCKS.c.first_token, BLOCKS.c.last_token, BLOCKS.c.n_tokens)
-        .where(BLOCKS.c.run_id == run_id, takeable).order_by(BLOCKS.c.block).limit(1)
+        .where(BLOCKS.c.run_id == run_id, takeable).order_by(order, BLOCKS.c.block).limit(1)
         .with_for_update(skip_locked=True)).first()
     if row is None:
         return None

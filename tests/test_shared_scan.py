@@ -133,23 +133,53 @@ def test_a_lost_lease_is_taken_over_and_the_late_worker_stores_nothing(db_url):
                                   harness_version="0", suspicious_when="low", options={},
                                   options_key="k", status="running")
         store.insert_blocks(conn, run_id, cut_blocks(np.arange(10), 4))
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # the middle block first (see claim_order)
         elsewhere = store.claim_block(conn, run_id, "elsewhere:1:x", lease_s=0.5)
-    assert (elsewhere.first_token, elsewhere.last_token, elsewhere.n_tokens) == (0, 3, 4)
+    assert (elsewhere.first_token, elsewhere.last_token, elsewhere.n_tokens) == (4, 7, 4)
     with engine.begin() as conn:  # held: the next open block instead
-        assert store.claim_block(conn, run_id, worker_id(), lease_s=30).block == 1
+        assert store.claim_block(conn, run_id, worker_id(), lease_s=30).block == 0
     time.sleep(0.7)
     with engine.begin() as conn:
         taken = store.claim_block(conn, run_id, worker_id(), lease_s=30)
-        assert taken.block == 0
+        assert taken.block == 1
         assert not store.holds_claim(conn, elsewhere, "elsewhere:1:x")
         assert store.holds_claim(conn, taken, worker_id())
     assert dbs.query(db_url, "SELECT block, claims, status FROM run_blocks ORDER BY block") == \
-        [(0, 2, "claimed"), (1, 1, "claimed"), (2, 0, "open")]
+        [(0, 1, "claimed"), (1, 2, "claimed"), (2, 0, "open")]
     with engine.begin() as conn:
         store.release_claims(conn, worker_id())
     assert dbs.query(db_url, "SELECT status FROM run_blocks ORDER BY block") == \
         [("open",), ("open",), ("open",)]
+    engine.dispose()
+
+
+def test_blocks_are_claimed_spread_over_the_run(db_url):
+    """Claims start in the middle of the run and jump about 0.618 of it each time, so the
+    first blocks (the scan's estimate) sample every part of the vocabulary; the database's
+    order is ``claim_order``'s, and every block is claimed once."""
+    assert store.claim_order(10) == [5, 2, 7, 4, 9, 1, 6, 3, 8, 0]
+    for n in (1, 2, 3, 29, 128, 1024):
+        order = store.claim_order(n)
+        assert sorted(order) == list(range(n)) and order[0] == n // 2
+        for k in range(2, min(n, 64) + 1):  # after k claims, no unclaimed stretch > 2.5 n/k
+            gaps = np.diff(np.sort([-1, n, *order[:k]]))
+            assert gaps.max() <= 2.5 * n / k, (n, k)
+    engine = open_db(db_url)
+    with engine.begin() as conn:
+        model = store.insert_model(conn, ref="m", alias=None, backend="b", fingerprint="f",
+                                   tokenizer_hash="h", vocab_size=50, meta={})
+        run_id = store.insert_run(conn, model_id=model, detector="d", detector_version="1",
+                                  harness_version="0", suspicious_when="low", options={},
+                                  options_key="k", status="running")
+        store.insert_blocks(conn, run_id, cut_blocks(np.arange(50), 4))
+    claimed = []
+    while True:
+        with engine.begin() as conn:
+            block = store.claim_block(conn, run_id, worker_id(), lease_s=30)
+        if block is None:
+            break
+        claimed.append(block.block)
+    assert claimed == store.claim_order(13)
     engine.dispose()
 
 
