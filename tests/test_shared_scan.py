@@ -122,17 +122,23 @@ def test_three_processes_share_a_scan_and_one_dies(tiny_model_dir, tmp_path, db_
     assert len(findings(db_url)["repeat-probe"]) >= 24
 
 
+def run_in_blocks(engine, n_tokens: int, size: int) -> int:
+    """A running run of a stored model over ``n_tokens`` tokens, cut into blocks of ``size``."""
+    with engine.begin() as conn:
+        model = store.insert_model(conn, ref="m", alias=None, backend="b", fingerprint="f",
+                                   tokenizer_hash="h", vocab_size=n_tokens, meta={})
+        run_id = store.insert_run(conn, model_id=model, detector="d", detector_version="1",
+                                  harness_version="0", suspicious_when="low", options={},
+                                  options_key="k", status="running")
+        store.insert_blocks(conn, run_id, cut_blocks(np.arange(n_tokens), size))
+    return run_id
+
+
 def test_a_lost_lease_is_taken_over_and_the_late_worker_stores_nothing(db_url):
     """A claim whose lease ran out goes to the next process; the process that lost it can
     no longer store into the block or close it."""
     engine = open_db(db_url)
-    with engine.begin() as conn:
-        model = store.insert_model(conn, ref="m", alias=None, backend="b", fingerprint="f",
-                                   tokenizer_hash="h", vocab_size=10, meta={})
-        run_id = store.insert_run(conn, model_id=model, detector="d", detector_version="1",
-                                  harness_version="0", suspicious_when="low", options={},
-                                  options_key="k", status="running")
-        store.insert_blocks(conn, run_id, cut_blocks(np.arange(10), 4))
+    run_id = run_in_blocks(engine, 10, 4)
     with engine.begin() as conn:  # the middle block first (see claim_order)
         elsewhere = store.claim_block(conn, run_id, "elsewhere:1:x", lease_s=0.5)
     assert (elsewhere.first_token, elsewhere.last_token, elsewhere.n_tokens) == (4, 7, 4)
@@ -165,13 +171,7 @@ def test_blocks_are_claimed_spread_over_the_run(db_url):
             gaps = np.diff(np.sort([-1, n, *order[:k]]))
             assert gaps.max() <= 2.5 * n / k, (n, k)
     engine = open_db(db_url)
-    with engine.begin() as conn:
-        model = store.insert_model(conn, ref="m", alias=None, backend="b", fingerprint="f",
-                                   tokenizer_hash="h", vocab_size=50, meta={})
-        run_id = store.insert_run(conn, model_id=model, detector="d", detector_version="1",
-                                  harness_version="0", suspicious_when="low", options={},
-                                  options_key="k", status="running")
-        store.insert_blocks(conn, run_id, cut_blocks(np.arange(50), 4))
+    run_id = run_in_blocks(engine, 50, 4)
     claimed = []
     while True:
         with engine.begin() as conn:
