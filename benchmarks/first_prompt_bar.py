@@ -16,10 +16,14 @@ pair-list probability), for every token the first prompt settled below the highe
 - `repeat-probe` (the default verifier, scouts on) on those, timed, and its verdicts;
 - per bar: tokens sent on, the screen's added time and the verifier's (summed over the tokens
   below the bar), the added `glitch` verdicts, and which of them the reference
-  (`--reference-db`, the exact cascade on every token) also calls glitch.
+  (`--reference-db`, the exact cascade on every token, or `--truth`, a file of its glitch
+  ids) also calls glitch.
+
+The first prompt's bar is now the screen's `first_threshold` (0.05): run on a scan made before
+it (`repeat-screen` version 3, which settled at 0.02), this measures what the bar costs.
 
     .venv/bin/python benchmarks/first_prompt_bar.py smollm2 --scan-db SCAN.db \
-        --reference-db REF.db --bars 0.05,0.1,0.12,0.15,0.2
+        (--reference-db REF.db | --truth GLITCH_IDS.txt) --bars 0.05,0.1,0.12,0.15,0.2
 
 Writes benchmarks/results/first_prompt_bar_<model>.json and prints it.
 """
@@ -74,7 +78,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2")
     ap.add_argument("--scan-db", type=Path, required=True)
-    ap.add_argument("--reference-db", type=Path, required=True)
+    truth = ap.add_mutually_exclusive_group()
+    truth.add_argument("--reference-db", type=Path)
+    truth.add_argument("--truth", type=Path, help="the reference's glitch ids, one a line")
     ap.add_argument("--bars", default="0.05,0.1,0.12,0.15,0.2")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -95,15 +101,20 @@ def main() -> None:
     threshold = RepeatScreen.defaults["threshold"]
     pair = {int(t): float(p) for t, p in rows if p is not None and p < bars[-1]}
     band = sorted(pair)
-    ref_db = open_db(f"sqlite:///{args.reference_db}")
-    with ref_db.connect() as conn:
-        ref_model = conn.execute(text("SELECT id FROM models")).scalar_one()
-    reference = latest(ref_db, ref_model, "repeat-probe", unfinished=True)
-    ref_glitch = {t for t, (v, _) in reference.items() if v == "glitch"}
+    ref_glitch: set[int] | None = None
+    if args.reference_db:
+        ref_db = open_db(f"sqlite:///{args.reference_db}")
+        with ref_db.connect() as conn:
+            ref_model = conn.execute(text("SELECT id FROM models")).scalar_one()
+        reference = latest(ref_db, ref_model, "repeat-probe", unfinished=True)
+        ref_glitch = {t for t, (v, _) in reference.items() if v == "glitch"}
+    elif args.truth:
+        ref_glitch = {int(line) for line in args.truth.read_text().split()}
 
     be = load_backend(spec, reg)
     ctx = ScanContext(backend=be, vocab=be.vocab(), categories=np.array([]))
-    rest = RepeatScreen(greedy_spells=False)  # the spelling rule is the first prompt's
+    # the spelling rule and the first prompt's bar are the first prompt's
+    rest = RepeatScreen(greedy_spells=False, first_threshold=0.0)
     rest.probe_set = replace(SCREEN, templates=SCREEN.templates[1:], labels=SCREEN.labels[1:])
     timed(rest, ctx, band[:8])  # warm-up: prefix caches, allocator
     print(f"{len(band)} tokens settled by pair-list below {bars[-1]}", flush=True)
@@ -130,8 +141,9 @@ def main() -> None:
             "unsettled": sum(1 for t in sent if t in checked),
             "verify_added_s": round(sum(verify_cost.get(t, 0.0) for t in sent), 1),
             "glitch_added": [[t, vocab.text[t], round(pair[t], 4)] for t in found],
-            "in_reference": sum(1 for t in found if t in ref_glitch),
-            "reference_glitch_in_band": sum(1 for t in sent if t in ref_glitch)})
+            **({} if ref_glitch is None else {
+                "in_reference": sum(1 for t in found if t in ref_glitch),
+                "reference_glitch_in_band": sum(1 for t in sent if t in ref_glitch)})})
     report = {"model": args.model, "machine": platform.machine(), "vocab": len(vocab),
               "screen_threshold": threshold, "band_tokens": len(band),
               "screen_s": round(screen_s, 1), "unsettled": len(left),

@@ -21,6 +21,12 @@ asked. Only the first: in a list of copied words the copy is the one sensible co
 while after six repeats the line may end and a copying device may complete a word fragment
 (on SmolLM2 the rule on every prompt left 919 more ordinary tokens to verification; on the
 first alone it sends 1,480 on to the next prompt, and 170 of them to verification).
+
+Nor is the first prompt's probability worth as much as a later one's: a list of copied words
+makes a copy likely, and a weak glitch token can read well there (SmolLM2's ``apeake``: 0.036
+in the list, its likeliest answer, against 0.0070 at most in Land & Bartolo's prompts). The
+first prompt settles a token only at or above ``first_threshold`` (0.05); below it the next
+prompt is asked, at ``threshold``.
 """
 
 from __future__ import annotations
@@ -40,12 +46,13 @@ class RepeatScreen(RepeatProbe):
 
     score: the token's probability at the repeat position, maximised over the screen's
     prompts (asked in the given order, a token leaving once one of them settles it). Verdict
-    ``ok`` at or above ``threshold`` (in the first prompt only where the model's greedy token
-    begins spelling the token: ``greedy_spells``), else ``suspect`` (to be verified).
+    ``ok`` at or above ``threshold`` (in the first prompt at or above ``first_threshold``, and
+    only where the model's greedy token begins spelling the token: ``greedy_spells``), else
+    ``suspect`` (to be verified).
     """
 
     name = "repeat-screen"
-    version = "3"
+    version = "4"
     description = "first stage: settles the tokens the model plainly repeats in short prompts"
     verifies = False
     screens = True
@@ -54,14 +61,17 @@ class RepeatScreen(RepeatProbe):
     default = True  # in every scan that names no detectors
     defaults = {**RepeatProbe.defaults, "probes": "screen", "threshold": 0.02, "steps": 1,
                 "order": "given", "batch": 2048, "scout_below": 0.0, "hopeless_below": 1e-5,
-                "greedy_spells": True}
+                "first_threshold": 0.05, "greedy_spells": True}
     unrepeated = SUSPECT
     details = False
 
     def _settles(self, ctx: ScanContext, t: int, plan: PromptPlan, res: ProbeResult,
                  evidence: dict[str, Any]) -> bool:
-        if (not self.options["greedy_spells"] or plan is not self.plans[0] or not res.ids
-                or res.ids[0] == t):
+        if plan is not self.plans[0]:
+            return True
+        if res.max_prob < float(self.options["first_threshold"]):
+            return False
+        if not self.options["greedy_spells"] or not res.ids or res.ids[0] == t:
             return True
         raw = ctx.vocab.raw
         if begins_spelling(raw[t], raw[res.ids[0]]):

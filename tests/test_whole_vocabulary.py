@@ -20,6 +20,7 @@ pytestmark = pytest.mark.real_model
 # SmolLM2 tokens whose exact verify-3 verdict is known (the reference of benchmarks/fidelity.py)
 GLITCH = [0, 5, 190, 3420, 36743, 43858]  # <|endoftext|>, <file_sep>, \x00, ..., MetaInfoClass
 SOLELY = 9127  # a glitch token (0.0014 at most in verify-3) the word-pair list gives 0.11
+APEAKE = 27685  # a glitch token (0.0070 at most) the word-pair list gives 0.036, its likeliest
 ORDINARY = list(range(1000, 1040))  # common merges
 NEAR = {3420: "glitch", 3944: "glitch", 2065: "ok", 752: "ok",  # max p 0.0029 .. 0.0173
         32608: "glitch"}  # 0.00927 in float32; 0.01001 in bf16 on an H200
@@ -66,6 +67,23 @@ def test_the_screen_passes_on_a_token_the_model_answers_with_another_word(smollm
     assert found.evidence["p"]["pair-list"] >= 0.02
     assert found.evidence["said"]["pair-list"] == "only"
     assert run(RepeatScreen(greedy_spells=False), smollm2, [SOLELY])[SOLELY].verdict == "ok"
+
+
+def test_the_first_prompt_settles_only_well_above_the_threshold(smollm2):
+    """`apeake` is the model's likeliest answer in the word-pair list, at 0.036: above the
+    screen's threshold, below the first prompt's. It goes on, and the later prompts leave it
+    for verification, which finds it a glitch token."""
+    from detectors.repeat_probe import RepeatProbe
+    from detectors.repeat_screen import RepeatScreen
+
+    found = run(RepeatScreen(), smollm2, [APEAKE] + ORDINARY)
+    assert 0.02 <= found[APEAKE].evidence["p"]["pair-list"] < 0.05
+    assert found[APEAKE].verdict == "suspect", found[APEAKE]
+    assert all(found[t].evidence["p"]["pair-list"] >= 0.05 for t in ORDINARY
+               if found[t].evidence.get("repeated_in") == "pair-list")
+    loose = run(RepeatScreen(first_threshold=0.02), smollm2, [APEAKE])[APEAKE]
+    assert loose.verdict == "ok" and loose.evidence["repeated_in"] == "pair-list"
+    assert run(RepeatProbe(), smollm2, [APEAKE])[APEAKE].verdict == "glitch"
 
 
 @pytest.mark.parametrize("probes", ["screen", "verify-3"])
