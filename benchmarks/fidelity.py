@@ -69,6 +69,21 @@ def latest(engine, model_id: int, detector: str, unfinished: bool = False
     return out
 
 
+def reference_glitch(db: Path | None = None, truth: Path | None = None) -> set[int] | None:
+    """The reference's glitch tokens: those the exact cascade calls glitch in a reference
+    database (each token's latest finding, as ``--stored`` reads it), or the ids of a file,
+    one a line; None given neither."""
+    if truth is not None:
+        return {int(t) for t in truth.read_text().split()}
+    if db is None:
+        return None
+    engine = open_db(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        model_id = conn.execute(text("SELECT id FROM models")).scalar_one()
+    found = latest(engine, model_id, "repeat-probe", unfinished=True)
+    return {t for t, (verdict, _) in found.items() if verdict == "glitch"}
+
+
 def latest_run(engine, model_id: int, detector: str) -> int | None:
     with engine.connect() as conn:
         return conn.execute(text(

@@ -51,7 +51,7 @@ from harness.runner import load_backend
 from probes import SCREEN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import latest  # noqa: E402
+from fidelity import reference_glitch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,15 +101,7 @@ def main() -> None:
     threshold = RepeatScreen.defaults["threshold"]
     pair = {int(t): float(p) for t, p in rows if p is not None and p < bars[-1]}
     band = sorted(pair)
-    ref_glitch: set[int] | None = None
-    if args.reference_db:
-        ref_db = open_db(f"sqlite:///{args.reference_db}")
-        with ref_db.connect() as conn:
-            ref_model = conn.execute(text("SELECT id FROM models")).scalar_one()
-        reference = latest(ref_db, ref_model, "repeat-probe", unfinished=True)
-        ref_glitch = {t for t, (v, _) in reference.items() if v == "glitch"}
-    elif args.truth:
-        ref_glitch = {int(line) for line in args.truth.read_text().split()}
+    ref_glitch = reference_glitch(args.reference_db, args.truth)
 
     be = load_backend(spec, reg)
     ctx = ScanContext(backend=be, vocab=be.vocab(), categories=np.array([]))

@@ -29,25 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import text
-
-from harness.db import open_db
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import latest  # noqa: E402
+from fidelity import reference_glitch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / ".venv" / "bin" / "harness"
-
-
-def reference_glitch(db: Path) -> set[int]:
-    """Tokens the exact cascade calls glitch (each token's latest finding, as
-    `benchmarks/fidelity.py --stored` reads the reference)."""
-    engine = open_db(f"sqlite:///{db}")
-    with engine.connect() as conn:
-        model_id = conn.execute(text("SELECT id FROM models")).scalar_one()
-    found = latest(engine, model_id, "repeat-probe", unfinished=True)
-    return {t for t, (verdict, _) in found.items() if verdict == "glitch"}
 
 
 def one_scan(model: str, extra: list[str], work: Path, glitch: set[int] | None) -> dict:
@@ -90,12 +76,11 @@ def main() -> None:
     truth.add_argument("--truth", type=Path, help="the reference's glitch ids, one a line")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    glitch = (reference_glitch(args.reference_db) if args.reference_db else
-              {int(t) for t in args.truth.read_text().split()} if args.truth else None)
+    glitch = reference_glitch(args.reference_db, args.truth)
     settings = {"default": [], "against": ["-o", args.against]}
+    runs: dict[str, list[dict]] = {"default": [], "against": []}
     report: dict = {"model": args.model, "machine": platform.machine(),
-                    "against": args.against, "default": [], "against_runs": []}
-    runs = {"default": report["default"], "against": report["against_runs"]}
+                    "against": args.against, "runs": runs}
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(args.rounds):
             order = ("against", "default") if n % 2 == 0 else ("default", "against")
