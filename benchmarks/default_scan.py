@@ -45,18 +45,27 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "33d6abe"
 
 # Run in a child process: the harness from the folder given first on the command line, with
-# the built-in plugins that folder does not have (this venv's entry points name the current
-# tree's modules) left out.
+# that folder's own built-in plugins (the entry points its pyproject.toml names; this venv's
+# name the current tree's modules, and a module a tree lacks would be found in the current
+# tree by the editable install's finder).
 CHILD = r"""
-import importlib.metadata, importlib.util, sys
-sys.path.insert(0, sys.argv[1])
+import importlib, importlib.metadata, sys, tomllib
+tree = sys.argv[1]
+sys.path.insert(0, tree)
 import pluggy
+with open(tree + "/pyproject.toml", "rb") as f:
+    OWN = tomllib.load(f)["project"]["entry-points"]
 _load = pluggy.PluginManager.load_setuptools_entrypoints
 def load(self, group, name=None):
+    own = OWN.get(group, {})
+    for n, module in own.items():
+        if self.get_plugin(n) is None and not self.is_blocked(n):
+            self.register(importlib.import_module(module), n)
     for dist in importlib.metadata.distributions():
-        for ep in dist.entry_points:
-            if ep.group == group and importlib.util.find_spec(ep.value.split(":")[0]) is None:
-                self.set_blocked(ep.name)
+        if dist.metadata["Name"] == "glitch-harness":
+            for ep in dist.entry_points:
+                if ep.group == group and ep.name not in own:
+                    self.set_blocked(ep.name)
     return _load(self, group, name)
 pluggy.PluginManager.load_setuptools_entrypoints = load
 mode = sys.argv[2]
@@ -76,7 +85,8 @@ else:  # glitch: time repeat-probe on the given tokens
     be = load_backend(resolve(model, reg, None), reg)
     vocab = be.vocab()
     cats = analyze(vocab, be.encode_batch)
-    det = reg.detectors["repeat-probe"].cls(**options)
+    entry = reg.detectors["repeat-probe"]
+    det = (entry[0] if isinstance(entry, tuple) else entry.cls)(**options)  # older trees: tuples
     ctx = ScanContext(backend=be, vocab=vocab, categories=cats)
     det.prepare(ctx)
     list(det.run(ctx, np.asarray(ids[:4])))  # warm-up: prefix caches, allocator
