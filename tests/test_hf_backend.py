@@ -239,9 +239,9 @@ def test_load_failures_on_the_device_are_one_line(cli, tiny_model_dir, monkeypat
 @pytest.mark.parametrize("rows", [3, 700])
 @pytest.mark.parametrize("bias_and_cap", [False, True])
 def test_blockwise_read_equals_the_full_softmax(rows, bias_and_cap):
-    """Blocks of vocabulary rows (a 49,152-row head), projected vocabulary-major, against one
-    log-softmax of ``hidden @ weight.T``: a few positions (one block) and many (many blocks),
-    with a bias and Gemma's final soft-capping as well."""
+    """Blocks of vocabulary rows (a 49,152-row head) against one log-softmax of
+    ``hidden @ weight.T``: a few positions (weight-first, one block) and many (the plain
+    product, many blocks), with a bias and Gemma's final soft-capping as well."""
     import types
 
     import torch
