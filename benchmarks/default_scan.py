@@ -145,9 +145,10 @@ def matmul_rate(m: int, k: int, n: int, repeat: int = 10) -> float:
 
 def shapes(model: str) -> dict:
     """What the bounds need of the model: the body's parameters, the vocabulary projection's
-    shape, and the new tokens per vocabulary token of the screen and of each verify-3 prompt."""
+    shape, and the new tokens per vocabulary token of the screen's first prompt and of each
+    verify-3 prompt; of each screen prompt, each verify-3 prompt's scout, and their labels."""
     from harness.plugins import registry
-    from harness.probe_sets import plan_prompt
+    from harness.probe_sets import plan_probe_set, plan_prompt
     from harness.refs import resolve
     from harness.runner import load_backend
     from probes import SCREEN, VERIFY_3
@@ -162,6 +163,11 @@ def shapes(model: str) -> dict:
            "screen_new": len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail),
            "verify_new": [len(plan_prompt(t, "x", be.encode).tail)
                           for t in VERIFY_3.templates]}
+    screen, verify = (plan_probe_set(p, be.encode, be.bos_ids()) for p in (SCREEN, VERIFY_3))
+    out.update(screen_labels=[p.label for p in screen],
+               screen_prompts_new=[len(p.tail) for p in screen],
+               verify_labels=[p.label for p in verify],
+               scouts_new=[p.checkpoint or 0 for p in verify])
     be.close()
     return out
 
