@@ -148,7 +148,7 @@ def shapes(model: str) -> dict:
     shape, and the new tokens per vocabulary token of the screen's first prompt and of each
     verify-3 prompt; of each screen prompt, each verify-3 prompt's scout, and their labels."""
     from harness.plugins import registry
-    from harness.probe_sets import plan_probe_set, plan_prompt
+    from harness.probe_sets import plan_probe_set
     from harness.refs import resolve
     from harness.runner import load_backend
     from probes import SCREEN, VERIFY_3
@@ -157,19 +157,24 @@ def shapes(model: str) -> dict:
     be = load_backend(resolve(model, reg, None), reg)
     rows, d = be.model.get_input_embeddings().weight.shape
     params = sum(p.numel() for p in be.model.parameters())
+    screen, verify = (plan_probe_set(p, be.encode, be.bos_ids()) for p in (SCREEN, VERIFY_3))
     out = {"rows": rows, "d": d, "vocab": len(be.vocab()),
            "body": params - rows * d * (1 if be.embeddings_tied() else 2),
            "inner": getattr(be.model.config.get_text_config(), "intermediate_size", 4 * d),
-           "screen_new": len(plan_prompt(SCREEN.templates[0], "x", be.encode).tail),
-           "verify_new": [len(plan_prompt(t, "x", be.encode).tail)
-                          for t in VERIFY_3.templates]}
-    screen, verify = (plan_probe_set(p, be.encode, be.bos_ids()) for p in (SCREEN, VERIFY_3))
-    out.update(screen_labels=[p.label for p in screen],
-               screen_prompts_new=[len(p.tail) for p in screen],
-               verify_labels=[p.label for p in verify],
-               scouts_new=[p.checkpoint or 0 for p in verify])
+           "screen_new": len(screen[0].tail),
+           "verify_new": [len(p.tail) for p in verify],
+           "screen_labels": [p.label for p in screen],
+           "screen_prompts_new": [len(p.tail) for p in screen],
+           "verify_labels": [p.label for p in verify],
+           "scouts_new": [p.checkpoint or 0 for p in verify]}
     be.close()
     return out
+
+
+def model_rate(m: dict) -> float:
+    """This CPU's float32 GFLOP/s on the model's shapes: the better of an MLP product and a
+    block of the vocabulary projection."""
+    return max(matmul_rate(2048, m["d"], m["inner"]), matmul_rate(1024, m["d"], m["rows"] // 8))
 
 
 def physical_bound(m: dict, screen_tokens_per_s: float | None,
@@ -178,7 +183,7 @@ def physical_bound(m: dict, screen_tokens_per_s: float | None,
     projection onto the vocabulary) and the time the CPU's matmul rate allows for the whole
     vocabulary. A glitch token: the body on every verify-3 prompt's new tokens plus two
     greedy steps each, three projections each."""
-    rate = max(matmul_rate(2048, m["d"], m["inner"]), matmul_rate(1024, m["d"], m["rows"] // 8))
+    rate = model_rate(m)
     head = 2 * m["rows"] * m["d"]
     flops = 2 * m["body"] * m["screen_new"] + head
     bound = m["vocab"] * flops / (rate * 1e9)
